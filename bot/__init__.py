@@ -1,0 +1,1 @@
+"""The NoneBot process and the ``corefbot`` command line."""

@@ -1,0 +1,48 @@
+"""``corefbot``: one console script, one subcommand per module in :mod:`bot.commands`.
+
+Each command module has ``register(subparsers)`` which adds its parser(s) with ``func`` set to a
+function ``(args) -> int``. The CLI only parses, calls library functions, and turns domain errors
+(:class:`CliError`, ``ValueError``, ``FileNotFoundError``) into one clear line and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMAND_MODULES = [
+    "bot.commands.data",  # import, build, export, stats
+    "bot.commands.run",  # run, demo
+]
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corefbot", description=__doc__.splitlines()[0])
+    parser.add_argument("--db", metavar="PATH", help="SQLite database (default: COREFBOT_DB or the bot's localstore file)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, ValueError, FileNotFoundError) as exc:
+        print(f"corefbot {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

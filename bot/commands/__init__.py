@@ -1,0 +1,1 @@
+"""Subcommands of ``corefbot``; each module exposes ``register(subparsers)``."""

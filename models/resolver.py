@@ -1,0 +1,137 @@
+"""The resolver interface: decide whether a question needs coreference resolution, and rewrite it.
+
+Backends (``rules``, ``llama-cpp``, ``http``) implement :class:`Backend`: raw decisions and rewrites.
+:class:`Resolver` composes what every deployment wants in front of and behind a backend: the cheap
+gate that lets plainly self-contained questions skip the model, and the rewrite validation that keeps
+hallucinated or injected text from being forwarded. The bot, ``corefbot eval`` and the benchmarks all
+go through :func:`load_resolver`, so they measure what is served.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Literal, Mapping, Protocol, Sequence
+
+from pipeline.records import Decision, Turn
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["rules", "llama-cpp", "http"]
+BACKENDS: tuple[BackendName, ...] = ("rules", "llama-cpp", "http")
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What a resolver made of one question."""
+
+    decision: Decision
+    probs: Mapping[Decision, float]  # per-option confidence, summing to 1
+    rewrite: str | None = None  # the self-contained question, when the decision is "needs"
+    backend: str = ""
+    gated: bool = False  # True when the gate answered and no model ran
+    rejected_rewrite: str | None = None  # a rewrite that failed validation (kept for the log)
+    reject_reason: str | None = None
+    latency_ms: float = 0.0
+
+    @property
+    def margin(self) -> float:
+        """Top option's probability minus the runner-up's: small means the model is unsure."""
+        top = sorted(self.probs.values(), reverse=True) + [0.0, 0.0]
+        return top[0] - top[1]
+
+    def query(self, question: str) -> str:
+        """The text to forward: the accepted rewrite, or the question as asked."""
+        return self.rewrite if self.decision == "needs" and self.rewrite else question
+
+
+class Backend(Protocol):
+    """A raw decision + rewrite source. ``resolve`` blocks; callers run it off the event loop."""
+
+    name: str
+
+    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None) -> Resolution: ...
+
+    def observe(self, group: str, window: Sequence[Turn]) -> None:
+        """A new message arrived in ``group``: a backend may prefill its state for the next question."""
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Resolver:
+    """Gate → backend → rewrite validation. Thread-compatible as far as the backend is."""
+
+    backend: Backend
+    gate: "object | None" = None  # models.gate.Gate; typed loosely to keep the import lazy
+    validate: bool = True
+    fallback_reason: str | None = field(default=None)  # set when a configured model could not load
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None) -> Resolution:
+        start = time.perf_counter()
+        if self.gate is not None and not self.gate.needs_model(window, question):  # type: ignore[attr-defined]
+            res = Resolution("not_needed", {"needs": 0.0, "not_needed": 1.0, "unknown": 0.0},
+                             backend=self.backend.name, gated=True)
+        else:
+            res = self.backend.resolve(window, question, group=group)
+            if self.validate and res.decision == "needs" and res.rewrite:
+                from models.validate import validate_rewrite
+
+                ok, reason = validate_rewrite(question.text, res.rewrite, [t.text for t in window])
+                if not ok:
+                    log.warning("rewrite rejected (%s): %r -> %r", reason, question.text, res.rewrite)
+                    res = replace(res, rewrite=None, rejected_rewrite=res.rewrite, reject_reason=reason)
+        return replace(res, latency_ms=(time.perf_counter() - start) * 1000)
+
+    def observe(self, group: str, window: Sequence[Turn]) -> None:
+        self.backend.observe(group, window)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def load_backend(name: BackendName, *, model_path: str | None = None, url: str | None = None,
+                 http_model: str = "default", api_key: str | None = None, n_threads: int | None = None) -> Backend:
+    """Build one backend; raises ``ValueError``/``FileNotFoundError`` naming what is wrong."""
+    if name == "rules":
+        from models.rules import RulesBackend
+
+        return RulesBackend()
+    if name == "llama-cpp":
+        if not model_path:
+            raise ValueError("the llama-cpp backend needs a GGUF model path (COREFBOT_MODEL_PATH or --model)")
+        from models.llama_backend import LlamaBackend
+
+        return LlamaBackend(model_path, n_threads=n_threads)
+    if name == "http":
+        if not url:
+            raise ValueError("the http backend needs an OpenAI-compatible base URL (COREFBOT_RESOLVER_URL or --url)")
+        from models.http_backend import HttpBackend
+
+        return HttpBackend(url, model=http_model, api_key=api_key)
+    raise ValueError(f"unknown resolver backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def load_resolver(name: BackendName, *, gate: bool = True, fallback: bool = False, **kwargs) -> Resolver:
+    """The served composition. With ``fallback``, a backend that fails to load (missing or corrupt
+    model, bad URL) is logged and replaced by ``rules`` so the bot keeps running."""
+    try:
+        backend = load_backend(name, **kwargs)
+        reason = None
+    except Exception as exc:  # noqa: BLE001 - any load failure falls back, with the reason kept
+        if not fallback or name == "rules":
+            raise
+        log.error("resolver backend %s failed to load (%s); falling back to rules", name, exc)
+        from models.rules import RulesBackend
+
+        backend, reason = RulesBackend(), f"{name}: {exc}"
+    gate_obj = None
+    if gate and backend.name != "rules":
+        from models.gate import Gate
+
+        gate_obj = Gate.load()
+    return Resolver(backend=backend, gate=gate_obj, fallback_reason=reason)

@@ -1,0 +1,160 @@
+"""The one prompt builder: alpaca export, training, evaluation and serving all render prompts here.
+
+It lives in ``pipeline`` (pure text, no weights) because the alpaca export needs it and ``pipeline``
+must not import ``models``; ``models`` imports it from here.
+
+Layout, chosen so a server can keep the key/value state of everything before the question:
+
+    <static header> <history: one line per turn, senders as A, B, C…> <the last message> <options>
+
+The option order is an explicit argument. Training data shuffles it (balanced per letter); evaluation
+averages over all six orders; serving uses :data:`SERVE_ORDER`. The reference implementation
+trained shuffled and evaluated fixed, which rewards a model that learned a letter position.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from pipeline.records import Decision, Turn
+
+DECISIONS: tuple[Decision, ...] = ("needs", "not_needed", "unknown")
+LETTERS = "ABC"
+OPTION_TEXT: dict[Decision, str] = {
+    "needs": "needs coreference resolution",
+    "not_needed": "does not need coreference resolution",
+    "unknown": "don't know",
+}
+Order = tuple[Decision, Decision, Decision]
+ALL_ORDERS: tuple[Order, ...] = tuple(itertools.permutations(DECISIONS))  # type: ignore[assignment]
+SERVE_ORDER: Order = DECISIONS  # type: ignore[assignment]
+
+SYSTEM = "You are a careful assistant for a technical community's group chat."
+
+HEADER = (
+    "Below is a group chat from a technical community, oldest message first, then its last message. "
+    "Decide whether the last message needs coreference resolution: it refers to something named "
+    "earlier in the chat with a pronoun (it, they, this, that, 它, 这个, 那个…) or leaves it out "
+    "altogether, so that a reader who sees only the last message cannot tell what it is about.\n\n"
+    "Chat:\n"
+)
+NO_HISTORY = "(no earlier messages)\n"
+
+CHATML_USER = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+CHATML_ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+CHATML_END = "<|im_end|>"
+
+
+def sender_letters(senders: Sequence[str]) -> dict[str, str]:
+    """Rename senders A, B, C… in order of first appearance (AA, AB… past Z)."""
+    names: dict[str, str] = {}
+    for sender in senders:
+        if sender not in names:
+            names[sender] = _letter_name(len(names))
+    return names
+
+
+def _letter_name(i: int) -> str:
+    name = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        name = chr(65 + r) + name
+    return name
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " / ", text.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A rendered single-choice question. ``order[i]`` is the decision behind ``LETTERS[i]``."""
+
+    history: str  # header + window lines: the part a server keeps state for, per group
+    question: str  # the last message and the options
+    order: Order
+
+    @property
+    def instruction(self) -> str:
+        return self.history + self.question
+
+    def letter(self, decision: Decision) -> str:
+        return LETTERS[self.order.index(decision)]
+
+    def decision(self, letter: str) -> Decision:
+        return self.order[LETTERS.index(letter)]
+
+    def chatml(self, response: str | None = None) -> str:
+        """The ChatML text a Qwen chat model sees; with ``response``, the full training sequence."""
+        text = chatml_prefix(self.history) + self.question + CHATML_ASSISTANT
+        if response is not None:
+            text += response + CHATML_END
+        return text
+
+
+def chatml_prefix(history: str) -> str:
+    """The ChatML text up to the end of the history: stable while a group's window is unchanged."""
+    return CHATML_USER.format(system=SYSTEM) + history
+
+
+def build_prompt(window: Sequence[Turn], question: Turn, order: Order = SERVE_ORDER) -> Prompt:
+    names = sender_letters([t.sender for t in window] + [question.sender])
+    lines = "".join(f"{names[t.sender]}: {_one_line(t.text)}\n" for t in window) or NO_HISTORY
+    options = "".join(f"{LETTERS[i]}. {OPTION_TEXT[d]}\n" for i, d in enumerate(order))
+    tail = (
+        f"\nLast message, from {names[question.sender]}:\n{_one_line(question.text)}\n\n"
+        f"Options:\n{options}"
+        "Answer with the option's letter. If the last message needs coreference resolution, "
+        "write it rewritten as a self-contained question on the next line."
+    )
+    return Prompt(history=HEADER + lines, question=tail, order=order)
+
+
+def target(prompt: Prompt, decision: Decision, rewrite: str | None = None) -> str:
+    """The response a model is trained to give: the letter, then the rewrite when one applies."""
+    letter = prompt.letter(decision)
+    if decision == "needs" and rewrite:
+        return f"{letter}\n{_one_line(rewrite)}"
+    return letter
+
+
+def parse_response(prompt: Prompt, response: str) -> tuple[Decision | None, str | None]:
+    """Read a response back; ``None`` decision when it does not start with an option letter."""
+    text = response.strip()
+    if not text or text[0] not in LETTERS:
+        return None, None
+    decision = prompt.decision(text[0])
+    rest = text[1:].lstrip(" .:)\t")
+    rewrite = rest.strip().splitlines()[0].strip() if rest.strip() else None
+    return decision, (rewrite if decision == "needs" else None)
+
+
+def balanced_orders(decisions: Sequence[Decision], seed: int) -> list[Order]:
+    """One option order per example, so the correct letter lands on A, B and C equally often.
+
+    The correct answer's position cycles through a seeded shuffle of [0, 1, 2, 0, 1, 2, …]; the other
+    two options fill the remaining letters in a seeded random order.
+    """
+    rng = random.Random(seed)
+    positions = [i % len(LETTERS) for i in range(len(decisions))]
+    rng.shuffle(positions)
+    orders: list[Order] = []
+    for decision, pos in zip(decisions, positions):
+        others = [d for d in DECISIONS if d != decision]
+        rng.shuffle(others)
+        others.insert(pos, decision)
+        orders.append(tuple(others))  # type: ignore[arg-type]
+    return orders
+
+
+# The paper's question-filter prompt (0–10 score, threshold 5), for a second-stage LLM scorer.
+QUESTION_SCORE_PROMPT = (
+    "You are a scoring bot for a technical group chat. Judge whether the message below is a question "
+    "with a topic, or a question addressed to other members. Answer with one integer from 0 to 10: "
+    "10 for a clear question, 0 for idle chat or a statement. Reply with the number only.\n\n"
+    "Message: {text}\nScore:"
+)

@@ -1,0 +1,281 @@
+"""The SQLite store: schema, migrations, and the typed reads and writes the rest of corefbot uses.
+
+One database file per deployment, WAL journal with a busy timeout so the bot (one writer) and the
+CLI or nightly job (readers, short writers) never hold each other up for long.
+Migrations are an append-only list; ``PRAGMA user_version`` records how many have run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import sqlite_utils
+
+from pipeline.records import Merged, Message
+
+BUSY_TIMEOUT_MS = 10_000
+
+
+def _m1_core(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db["messages"].create(
+        {
+            "key": str, "platform": str, "group_id": str, "message_id": str, "sender": str,
+            "sender_name": str, "timestamp": float, "text": str, "reply_to": str,
+            "mentions": str, "from_self": int,
+        },
+        pk="key",
+    )
+    db["messages"].create_index(["platform", "group_id", "timestamp"])
+    db["messages"].create_index(["platform", "sender"])
+    db["merged"].create(
+        {
+            "id": str, "platform": str, "group_id": str, "sender": str, "sender_name": str,
+            "text": str, "timestamp": float, "end_timestamp": float, "message_ids": str,
+            "reply_to": str, "mentions": str, "from_self": int, "question_score": float,
+            "is_question": int,
+        },
+        pk="id",
+    )
+    db["merged"].create_index(["platform", "group_id", "timestamp"])
+    db["merged"].create_index(["platform", "sender"])
+    db["optout"].create({"platform": str, "sender": str, "at": float}, pk=("platform", "sender"))
+
+
+def _m2_labels_models(db: sqlite_utils.Database) -> None:
+    # One row per (question, source): the effective label is moderator > member > import.
+    db["labels"].create(
+        {"merged_id": str, "source": str, "label": str, "rewrite": str, "labeler": str, "at": float},
+        pk=("merged_id", "source"),
+    )
+    db["label_audit"].create(
+        {
+            "id": int, "merged_id": str, "source": str, "labeler": str, "at": float,
+            "old_label": str, "new_label": str, "old_rewrite": str, "new_rewrite": str,
+        },
+        pk="id",
+    )
+    db["label_audit"].create_index(["merged_id"])
+    # What the serving resolver decided for a question, with its per-option confidence.
+    db["decisions"].create(
+        {
+            "merged_id": str, "backend": str, "decision": str, "p_needs": float,
+            "p_not_needed": float, "p_unknown": float, "margin": float, "rewrite": str,
+            "forwarded": str, "at": float,
+        },
+        pk="merged_id",
+    )
+    db["model_versions"].create(
+        {
+            "id": int, "created_at": float, "status": str, "gguf_path": str, "run_dir": str,
+            "base": str, "metrics": str, "note": str,
+        },
+        pk="id",
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_labels_models]
+
+
+def connect(path: str | Path) -> sqlite_utils.Database:
+    """Open (creating folders as needed) and migrate the database at ``path`` (":memory:" works)."""
+    if str(path) != ":memory:":
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    db = sqlite_utils.Database(conn)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if str(path) != ":memory:":
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    migrate(db)
+    return db
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Run the migrations not yet applied; returns the schema version."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    for i, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        with db.conn:
+            step(db)
+            db.conn.execute(f"PRAGMA user_version = {i}")
+    return len(MIGRATIONS)
+
+
+# ---- rows <-> records -----------------------------------------------------------------------
+
+def _message_row(m: Message) -> tuple:
+    return (
+        m.key, m.platform, m.group, m.message_id, m.sender, m.sender_name, m.timestamp, m.text,
+        m.reply_to, json.dumps(list(m.mentions)) if m.mentions else None, int(m.from_self),
+    )
+
+
+def _message(row: sqlite3.Row | tuple) -> Message:
+    return Message(
+        platform=row[1], group=row[2], message_id=row[3], sender=row[4], sender_name=row[5] or "",
+        timestamp=row[6], text=row[7], reply_to=row[8],
+        mentions=tuple(json.loads(row[9])) if row[9] else (), from_self=bool(row[10]),
+    )
+
+
+_MESSAGE_COLS = "key, platform, group_id, message_id, sender, sender_name, timestamp, text, reply_to, mentions, from_self"
+_MERGED_COLS = (
+    "id, platform, group_id, sender, sender_name, text, timestamp, end_timestamp, message_ids, "
+    "reply_to, mentions, from_self, question_score, is_question"
+)
+
+
+def _merged_row(m: Merged) -> tuple:
+    return (
+        m.id, m.platform, m.group, m.sender, m.sender_name, m.text, m.timestamp, m.end_timestamp,
+        json.dumps(m.message_ids), m.reply_to, json.dumps(list(m.mentions)) if m.mentions else None,
+        int(m.from_self), m.question_score, int(m.is_question),
+    )
+
+
+def _merged(row: sqlite3.Row | tuple) -> Merged:
+    return Merged(
+        id=row[0], platform=row[1], group=row[2], sender=row[3], sender_name=row[4] or "",
+        text=row[5], timestamp=row[6], end_timestamp=row[7], message_ids=json.loads(row[8]),
+        reply_to=row[9], mentions=tuple(json.loads(row[10])) if row[10] else (),
+        from_self=bool(row[11]), question_score=row[12], is_question=bool(row[13]),
+    )
+
+
+class Store:
+    """Typed access to one corefbot database. Not thread-safe: give each thread its own."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self.db = connect(path)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # ---- messages ----
+    def insert_messages(self, messages: Iterable[Message]) -> int:
+        """Insert, ignoring keys already stored (imports are idempotent). Returns rows added."""
+        rows = [_message_row(m) for m in messages]
+        with self.db.conn:
+            before = self.db.conn.total_changes
+            self.db.conn.executemany(
+                f"INSERT OR IGNORE INTO messages ({_MESSAGE_COLS}) VALUES ({','.join('?' * 11)})", rows
+            )
+            return self.db.conn.total_changes - before
+
+    def iter_messages(self, platform: str | None = None, group: str | None = None) -> Iterator[Message]:
+        """Messages in pipeline order: by platform, group, then time (ties by arrival)."""
+        where, args = _group_filter(platform, group)
+        sql = f"SELECT {_MESSAGE_COLS} FROM messages {where} ORDER BY platform, group_id, timestamp, rowid"
+        for row in self.db.conn.execute(sql, args):
+            yield _message(row)
+
+    def count(self, table: str) -> int:
+        return self.db.conn.execute(f"SELECT count(*) FROM [{table}]").fetchone()[0]
+
+    # ---- merged queries ----
+    def upsert_merged(self, merged: Sequence[Merged]) -> None:
+        with self.db.conn:
+            self.db.conn.executemany(
+                f"INSERT OR REPLACE INTO merged ({_MERGED_COLS}) VALUES ({','.join('?' * 14)})",
+                [_merged_row(m) for m in merged],
+            )
+
+    def replace_merged(self, merged: Sequence[Merged], platform: str | None = None, group: str | None = None) -> None:
+        """Replace every merged row (of one group, or all) by ``merged``, in one transaction."""
+        where, args = _group_filter(platform, group)
+        with self.db.conn:
+            self.db.conn.execute(f"DELETE FROM merged {where}", args)
+            self.db.conn.executemany(
+                f"INSERT INTO merged ({_MERGED_COLS}) VALUES ({','.join('?' * 14)})",
+                [_merged_row(m) for m in merged],
+            )
+
+    def get_merged(self, merged_id: str) -> Merged | None:
+        row = self.db.conn.execute(f"SELECT {_MERGED_COLS} FROM merged WHERE id = ?", (merged_id,)).fetchone()
+        return _merged(row) if row else None
+
+    def iter_merged(self, platform: str | None = None, group: str | None = None) -> Iterator[Merged]:
+        where, args = _group_filter(platform, group)
+        sql = f"SELECT {_MERGED_COLS} FROM merged {where} ORDER BY platform, group_id, timestamp, rowid"
+        for row in self.db.conn.execute(sql, args):
+            yield _merged(row)
+
+    def last_merged(self, platform: str, group: str) -> Merged | None:
+        row = self.db.conn.execute(
+            f"SELECT {_MERGED_COLS} FROM merged WHERE platform = ? AND group_id = ? "
+            "ORDER BY timestamp DESC, rowid DESC LIMIT 1",
+            (platform, group),
+        ).fetchone()
+        return _merged(row) if row else None
+
+    def window_before(self, merged: Merged, size: int) -> list[Merged]:
+        """The ``size`` merged messages of the same group just before ``merged``, oldest first."""
+        rows = self.db.conn.execute(
+            f"SELECT {_MERGED_COLS} FROM merged WHERE platform = ? AND group_id = ? "
+            "AND timestamp < ? ORDER BY timestamp DESC, rowid DESC LIMIT ?",
+            (merged.platform, merged.group, merged.timestamp, size),
+        ).fetchall()
+        return [_merged(r) for r in reversed(rows)]
+
+    # ---- members who opted out ----
+    def opt_out(self, platform: str, sender: str) -> None:
+        with self.db.conn:
+            self.db.conn.execute(
+                "INSERT OR REPLACE INTO optout (platform, sender, at) VALUES (?, ?, ?)",
+                (platform, sender, time.time()),
+            )
+
+    def opt_in(self, platform: str, sender: str) -> None:
+        with self.db.conn:
+            self.db.conn.execute("DELETE FROM optout WHERE platform = ? AND sender = ?", (platform, sender))
+
+    def opted_out(self) -> set[tuple[str, str]]:
+        return {(p, s) for p, s in self.db.conn.execute("SELECT platform, sender FROM optout")}
+
+    def forget_member(self, platform: str, sender: str) -> int:
+        """Delete every message, merged query and label of one member. Returns messages deleted."""
+        with self.db.conn:
+            ids = [r[0] for r in self.db.conn.execute(
+                "SELECT id FROM merged WHERE platform = ? AND sender = ?", (platform, sender))]
+            for table in ("labels", "label_audit", "decisions"):
+                if self.db[table].exists():
+                    self.db.conn.executemany(f"DELETE FROM [{table}] WHERE merged_id = ?", [(i,) for i in ids])
+            self.db.conn.execute("DELETE FROM merged WHERE platform = ? AND sender = ?", (platform, sender))
+            cur = self.db.conn.execute("DELETE FROM messages WHERE platform = ? AND sender = ?", (platform, sender))
+            return cur.rowcount
+
+    # ---- deployment metadata ----
+    def meta(self, key: str) -> str | None:
+        row = self.db.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.db.conn:
+            self.db.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def salt(self) -> str:
+        """The deployment's pseudonymisation salt, made once and kept in the database."""
+        salt = self.meta("salt")
+        if salt is None:
+            salt = secrets.token_hex(16)
+            self.set_meta("salt", salt)
+        return salt
+
+
+def pseudonym(salt: str, platform: str, sender: str) -> str:
+    """A stable, salted pseudonym: the same member gets the same id in every export of a deployment."""
+    return "u" + hashlib.sha256(f"{salt}\x00{platform}\x00{sender}".encode()).hexdigest()[:12]
+
+
+def _group_filter(platform: str | None, group: str | None) -> tuple[str, tuple]:
+    if group is not None:
+        return "WHERE platform = ? AND group_id = ?", (platform or "", group)
+    if platform is not None:
+        return "WHERE platform = ?", (platform,)
+    return "", ()
