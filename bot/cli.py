@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = [
     "bot.commands.data",  # import, build, export, stats
     "bot.commands.run",  # run, demo
+    "bot.commands.bench",  # bench NAME
 ]
 
 

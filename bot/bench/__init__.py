@@ -1,0 +1,1 @@
+"""Benchmarks behind ``corefbot bench``: each prints its figures and can write a JSON report."""

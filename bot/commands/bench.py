@@ -1,0 +1,20 @@
+"""``corefbot bench NAME``: benchmark scripts that print figures (and write a JSON report)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> module with ``add_arguments(parser)`` and ``run(args) -> int``
+BENCHES = {
+    "pipeline": "bot.bench.pipeline",  # import, batch pipeline, live capture (issue 2)
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("bench", help="run a benchmark and print its figures")
+    benches = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
+    for name, module in BENCHES.items():
+        mod = importlib.import_module(module)
+        p = benches.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)

@@ -1,0 +1,105 @@
+"""Metrics shared by every evaluation: the paper's decision P/R/F1 (positive = needs resolution),
+Matthews correlation, Cohen's kappa, and rewrite exact match / token F1 (characters for Chinese)."""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Hashable, Iterable, Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class Confusion:
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    @classmethod
+    def of(cls, gold: Iterable[bool], pred: Iterable[bool]) -> "Confusion":
+        c = Counter(zip(gold, pred))
+        return cls(tp=c[True, True], fp=c[False, True], fn=c[True, False], tn=c[False, False])
+
+    @property
+    def n(self) -> int:
+        return self.tp + self.fp + self.fn + self.tn
+
+    @property
+    def precision(self) -> float:
+        return _div(self.tp, self.tp + self.fp)
+
+    @property
+    def recall(self) -> float:
+        return _div(self.tp, self.tp + self.fn)
+
+    @property
+    def specificity(self) -> float:
+        return _div(self.tn, self.tn + self.fp)
+
+    @property
+    def f1(self) -> float:
+        return _div(2 * self.tp, 2 * self.tp + self.fp + self.fn)
+
+    @property
+    def accuracy(self) -> float:
+        return _div(self.tp + self.tn, self.n)
+
+    @property
+    def mcc(self) -> float:
+        denom = math.sqrt((self.tp + self.fp) * (self.tp + self.fn) * (self.tn + self.fp) * (self.tn + self.fn))
+        return (self.tp * self.tn - self.fp * self.fn) / denom if denom else 0.0
+
+    def report(self) -> dict[str, float | int]:
+        return {"precision": self.precision, "recall": self.recall, "f1": self.f1, "mcc": self.mcc,
+                "accuracy": self.accuracy, **asdict(self)}
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:
+    """Agreement between two labelers beyond chance; 1.0 when both are constant and agree."""
+    if len(a) != len(b):
+        raise ValueError(f"kappa needs paired labels, got {len(a)} and {len(b)}")
+    n = len(a)
+    if n == 0:
+        return 0.0
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    ca, cb = Counter(a), Counter(b)
+    expected = sum(ca[k] * cb[k] for k in ca) / (n * n)
+    return 1.0 if expected == 1 else (observed - expected) / (1 - expected)
+
+
+_CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(rf"[{_CJK}]|[^\s{_CJK}\W]+|[^\s\w]", re.UNICODE)
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-cased words for Latin text, single characters for Chinese, punctuation dropped."""
+    return [t for t in _TOKEN.findall(text.lower()) if t.isalnum() or re.match(rf"[{_CJK}]", t)]
+
+
+def token_f1(pred: str, gold: str) -> float:
+    p, g = Counter(tokens(pred)), Counter(tokens(gold))
+    if not p and not g:
+        return 1.0
+    common = sum((p & g).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(p.values()), common / sum(g.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(pred: str, gold: str) -> bool:
+    return tokens(pred) == tokens(gold)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0–100); 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[k]
