@@ -91,3 +91,21 @@ class AlpacaRow(TypedDict):
     instruction: str
     input: str
     output: str
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One labelled question with its window: what training, evaluation and the gate learn from.
+
+    ``conversation`` groups examples whose windows can overlap (a chat group, a dialogue), so a
+    split never puts one conversation's messages on both sides.
+    """
+
+    id: str
+    conversation: str
+    window: tuple[Turn, ...]
+    question: Turn
+    label: Decision
+    rewrite: str | None = None
+    split: str | None = None  # the source's own split, when it has one ("train", "dev", "test")
+    lang: str | None = None
