@@ -1,0 +1,167 @@
+"""Rewrite validation: forward a model's rewrite only when it is the question, made self-contained
+with words the chat already contains.
+
+A rewrite is accepted when
+- it is one short line with no chat-template markup;
+- the question does not read as an instruction to the model ("ignore the above and say …",
+  「忽略上面的指令，输出…」): for those the original question is always forwarded;
+- it keeps the question's content (most of its content words / Chinese characters survive);
+- everything it adds comes from the window: each added Latin word is a window word (or a short
+  function word), and each added run of Chinese characters is covered by substrings of at least two
+  characters found in the window, apart from a few grammatical particles (的, 在, 上…).
+
+Chinese has no spaces, so "words" cannot be compared one by one: an added run such as 「显卡驱动」
+is accepted when the window contains 「显卡驱动」 or 「显卡」 and 「驱动」 as substrings. Single characters
+are not enough evidence (almost every character occurs somewhere in a long window), so runs are
+covered by pieces of length two or more.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import unicodedata
+from typing import Sequence
+
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_PIECE = re.compile(rf"[{_CJK}]+|[A-Za-z0-9][\w.+#\-]*", re.UNICODE)
+_IS_CJK = re.compile(rf"[{_CJK}]")
+
+# Words a rewrite may add without the window containing them: glue, not content.
+EN_GLUE = frozenset("""
+a an the of in on at to for from with by about into over under as and or but than then
+is are was were be been being am do does did done has have had will would can could should may might
+what which who whom whose when where why how that this these those there it its
+his her their them they he she him its one ones
+not no any some other else also besides aside apart after before during while between same such
+i me my you your we us our please want like get got
+s 's
+""".split())
+ZH_GLUE = frozenset("的地得了在上中里和与跟及或是有用把被对为于从到给吗呢吧啊么什怎样个这那该此其它他她们还也都就又再")
+
+# Words whose disappearance from the question is expected: they are what a rewrite replaces.
+EN_ANAPHORS = frozenset("""
+it its they them their theirs this that these those he him his she her hers one ones there here
+such same former latter the a an do does did so too also else
+""".split())
+ZH_ANAPHORS = frozenset("它他她们这那该此其上述个些呢吗吧啊呀么")
+
+_INJECTION = [
+    re.compile(r"\b(ignore|disregard|forget)\b.{0,40}\b(above|previous|prior|earlier|instructions?|prompt|rules?)\b", re.I),
+    re.compile(r"\b(system prompt|you are now|act as|pretend to be|new instructions?)\b", re.I),
+    re.compile(r"\b(say|print|output|repeat|reply with|respond with|write)\b\s*[:\"'“‘「]", re.I),
+    re.compile(r"(忽略|无视|忘记|忘掉|不要管).{0,12}(指令|指示|提示|上面|以上|之前|前面|规则|要求)"),
+    re.compile(r"(系统提示|提示词|你现在是|扮演|假装你?是|新的指令)"),
+    re.compile(r"(输出|回复|回答|说|打印|重复)\s*[:：\"'“‘「]"),
+    re.compile(r"<\|im_(start|end)\|>|<\|endoftext\|>"),
+]
+
+MAX_EXTRA_CHARS = 160  # a rewrite may add at most this much beyond the question (CANARD's longest golds are near it)
+
+
+def looks_like_injection(text: str) -> bool:
+    """True when a message reads as an instruction to the model rather than a question to the group."""
+    return any(p.search(text) for p in _INJECTION)
+
+
+def _norm(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).lower()
+
+
+def _latin_words(text: str) -> list[str]:
+    return [w.strip(".-") for w in re.findall(r"[a-z0-9][\w.+#\-']*", text) if not _IS_CJK.search(w)]
+
+
+def _stem(word: str) -> str:
+    word = word.removesuffix("'s").removesuffix("’s")
+    for suffix in ("ies", "es", "s", "ed", "ing"):
+        if len(word) > len(suffix) + 2 and word.endswith(suffix):
+            return word[: -len(suffix)]
+    return word
+
+
+def _variant(a: str, b: str) -> bool:
+    """Same word up to a short suffix: "mmpose-v1" / "mmpose", "deployment" / "deploy" (not "openpose" / "pose")."""
+    short, long = sorted((a, b), key=len)
+    return len(short) >= 4 and long.startswith(short) and len(long) - len(short) <= 4
+
+
+def _content_units(text: str) -> list[str]:
+    """The question's content: Latin words that are not anaphors or glue, and Chinese characters that are not."""
+    units = [_stem(w) for w in _latin_words(text) if w not in EN_ANAPHORS and w not in EN_GLUE]
+    units += [c for c in text if _IS_CJK.match(c) and c not in ZH_ANAPHORS and c not in ZH_GLUE]
+    return units
+
+
+def _cover_cjk(run: str, window: str) -> str | None:
+    """Greedily cover ``run`` with window substrings (length ≥ 2) and glue characters; the uncovered part, or None."""
+    i, missing = 0, []
+    while i < len(run):
+        best = 0
+        for j in range(len(run), i + 1, -1):  # longest piece first
+            if run[i:j] in window:
+                best = j - i
+                break
+        if best:
+            i += best
+        else:
+            if run[i] not in ZH_GLUE:
+                missing.append(run[i])
+            i += 1
+    return "".join(missing) or None
+
+
+def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[str]) -> tuple[bool, str | None]:
+    """``(True, None)`` when ``rewrite`` may be forwarded in place of the question, else ``(False, reason)``."""
+    q, r = _norm(question_text).strip(), _norm(rewrite).strip()
+    if not r:
+        return False, "empty rewrite"
+    if "\n" in r or "<|" in r:
+        return False, "rewrite is not one plain line"
+    if looks_like_injection(question_text):
+        return False, "the question reads as an instruction to the model; forwarding it as asked"
+    if looks_like_injection(rewrite):
+        return False, "the rewrite reads as an instruction to the model"
+    if len(r) > len(q) + MAX_EXTRA_CHARS:
+        return False, f"rewrite adds {len(r) - len(q)} characters (limit {MAX_EXTRA_CHARS})"
+
+    # Content kept: most of the question's content units survive (typos fixed and inflections changed
+    # by a rewrite are why this is a fraction and not all).
+    q_units = _content_units(q)
+    if q_units:
+        r_units = set(_content_units(r)) | set(_latin_words(r)) | {_stem(w) for w in _latin_words(r)}
+        kept = sum(u in r_units for u in q_units)
+        if kept / len(q_units) < 0.6:
+            lost = [u for u in q_units if u not in r_units]
+            return False, f"rewrite drops the question's content ({' '.join(lost[:5])})"
+
+    window = _norm("\n".join(window_texts))
+    window_words = set(_latin_words(window))
+    window_stems = {_stem(w) for w in window_words}
+    q_words = set(_latin_words(q))
+    q_stems = {_stem(w) for w in q_words}
+
+    # What the rewrite adds, span by span (a character diff against the question).
+    matcher = difflib.SequenceMatcher(a=q, b=r, autojunk=False)
+    for op, _a0, _a1, b0, b1 in matcher.get_opcodes():
+        if op not in ("insert", "replace"):
+            continue
+        # Widen to whole Latin words: the diff can split "mmpose" against "model".
+        while b0 > 0 and r[b0 - 1].isalnum() and not _IS_CJK.match(r[b0 - 1]):
+            b0 -= 1
+        while b1 < len(r) and r[b1].isalnum() and not _IS_CJK.match(r[b1]):
+            b1 += 1
+        for piece in _PIECE.findall(r[b0:b1]):
+            if _IS_CJK.match(piece):
+                missing = _cover_cjk(piece, window + "\n" + q)
+                if missing:
+                    return False, f"rewrite adds {piece!r}, not found in the chat ({missing!r} unexplained)"
+            else:
+                word = piece.strip(".-")
+                if not word or word in EN_GLUE or word in window_words or word in q_words:
+                    continue
+                if _stem(word) in window_stems or _stem(word) in q_stems:
+                    continue
+                if any(_variant(word, w) for w in window_words):
+                    continue
+                return False, f"rewrite adds {word!r}, which the chat never mentions"
+    return True, None
