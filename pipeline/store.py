@@ -235,6 +235,10 @@ class Store:
         with self.db.conn:
             self.db.conn.execute("DELETE FROM optout WHERE platform = ? AND sender = ?", (platform, sender))
 
+    def is_opted_out(self, platform: str, sender: str) -> bool:
+        return self.db.conn.execute(
+            "SELECT 1 FROM optout WHERE platform = ? AND sender = ?", (platform, sender)).fetchone() is not None
+
     def opted_out(self) -> set[tuple[str, str]]:
         return {(p, s) for p, s in self.db.conn.execute("SELECT platform, sender FROM optout")}
 

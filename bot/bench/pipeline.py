@@ -1,0 +1,139 @@
+"""Data pipeline: bulk import, the batch pipeline, live capture through the real websocket."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.build import build
+from pipeline.export import iter_records, write_alpaca, write_records
+from pipeline.importer import import_jsonl
+from pipeline.labels import set_label
+from pipeline.metrics import percentile
+from pipeline.store import Store
+
+TOPICS = ["mmpose", "mmdeploy", "TensorRT", "TX2", "Jetson Nano", "CUDA 12", "PyTorch 2.3", "onnxruntime",
+          "ncnn", "RTMPose", "YOLOX", "显卡驱动", "docker 镜像", "conda 环境"]
+QUESTIONS = ["Can {t} be deployed on mobile phones?", "BTW, how to deploy it on TX2?", "{t} 怎么安装？",
+             "有人用过 {t} 吗", "why does {t} fail with out of memory?", "这个报错怎么解决？",
+             "在 {t} 上呢？", "为什么不好用？", "which version of {t} do you use?", "{t} 支持 Windows 吗？"]
+CHATTER = ["哈哈哈", "[face]", "ok", "thanks!", "收到", "{t} works for me now", "我也遇到过", "+1",
+           "[image]", "今天好忙", "you need to rebuild {t} first", "试试重新编译 {t}", "done"]
+
+
+def generate(n: int, seed: int = 0, groups: int = 20, members: int = 300) -> list[dict]:
+    """A realistic-shaped chat log: bursts of lines by one member, ~15% questions, bilingual."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    clock = {g: 1_700_000_000.0 + rng.random() * 1000 for g in range(groups)}
+    while len(rows) < n:
+        g = rng.randrange(groups)
+        sender = rng.randrange(members)
+        for _ in range(rng.choice([1, 1, 1, 2, 2, 3, 4])):  # a burst the concat rule merges
+            clock[g] += rng.choice([2, 5, 9, 15, 18, 30, 120, 600])
+            template = rng.choice(QUESTIONS if rng.random() < 0.15 else CHATTER)
+            rows.append({"id": f"m{len(rows)}", "group": f"g{g}", "sender": f"s{sender}",
+                         "text": template.format(t=rng.choice(TOPICS)), "timestamp": clock[g]})
+            if len(rows) >= n:
+                break
+    rng.shuffle(rows)  # imports take lines in any order
+    return rows
+
+
+def bench_batch(workdir: Path, n: int) -> dict:
+    log = workdir / "chat.jsonl"
+    log.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generate(n)), encoding="utf-8")
+    store = Store(workdir / "batch.db")
+    t0 = time.perf_counter()
+    report = import_jsonl(store, log)
+    t_import = time.perf_counter() - t0
+    assert report.added == n, report
+    # Label one question in ten so the alpaca export has work to do, as it would in a labelled group.
+    build(store)
+    ids = [r[0] for r in store.db.conn.execute("SELECT id FROM merged WHERE is_question")]
+    for i, merged_id in enumerate(ids[::10]):
+        set_label(store, merged_id, "needs" if i % 2 else "not_needed", "moderator", labeler="bench")
+    t0 = time.perf_counter()
+    stats = build(store)
+    t_build = time.perf_counter() - t0
+    records = write_records(iter_records(store), workdir / "records.jsonl")
+    t_records = time.perf_counter() - t0 - t_build
+    manifest = write_alpaca(store, workdir / "alpaca.json")
+    t_total = time.perf_counter() - t0
+    store.close()
+    return {
+        "messages": n, "import_s": t_import, "import_msgs_per_s": n / t_import,
+        "merged": stats.merged, "questions": stats.questions, "records": records, "alpaca_rows": manifest.rows,
+        "build_s": t_build, "export_records_s": t_records, "export_alpaca_s": t_total - t_build - t_records,
+        "pipeline_total_s": t_total,
+    }
+
+
+async def _play_live(url: str, n: int) -> None:
+    from bot.onebot_peer import OneBotPeer
+
+    peer = OneBotPeer(url)
+    await peer.connect()
+    rows = sorted(generate(n, seed=1, groups=5), key=lambda r: r["timestamp"])
+    for i, row in enumerate(rows):
+        await peer.group_message(int(row["group"][1:]) + 1000, int(row["sender"][1:]) + 30000, row["text"],
+                                 message_id=i + 1, timestamp=row["timestamp"])
+        if i % 50 == 0:
+            await asyncio.sleep(0)  # let the socket drain, as a chat app's event stream would
+    await asyncio.sleep(0.5)
+    await peer.close()
+
+
+def bench_live(workdir: Path, n: int) -> dict:
+    from bot.demo import wait_for_messages
+    from bot.process import BotProcess
+
+    db, timings = workdir / "live.db", workdir / "timings.json"
+    bot = BotProcess(db, env={"COREFBOT_TIMINGS_FILE": str(timings), "LOG_LEVEL": "WARNING"}).start()
+    try:
+        t0 = time.perf_counter()
+        asyncio.run(_play_live(bot.ws_url, n))
+        try:
+            wait_for_messages(db, n, timeout=60)
+        except TimeoutError:
+            pass
+        elapsed = time.perf_counter() - t0
+    finally:
+        bot.stop()
+    store = Store(db)
+    stored = store.count("messages")
+    store.close()
+    handler = json.loads(timings.read_text())["handler_ms"]
+    return {"live_messages": n, "live_stored": stored, "live_lost": n - stored, "live_wall_s": elapsed,
+            "handler_ms_p50": percentile(handler, 50), "handler_ms_p99": percentile(handler, 99),
+            "handler_ms_max": max(handler)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--messages", type=int, default=58_000, help="messages to import (paper's corpus: 58,000)")
+    parser.add_argument("--live", type=int, default=1_000, help="messages through the websocket (0: skip)")
+    parser.add_argument("--report", help="write the figures as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="corefbot-bench-") as tmp:
+        figures = bench_batch(Path(tmp), args.messages)
+        if args.live:
+            figures.update(bench_live(Path(tmp), args.live))
+    print(f"bulk import        {figures['messages']:,} messages in {figures['import_s']:.2f}s = "
+          f"{figures['import_msgs_per_s']:,.0f} msg/s   (target ≥ 50,000/s)")
+    print(f"batch pipeline     build {figures['build_s']:.2f}s + records {figures['export_records_s']:.2f}s + "
+          f"alpaca {figures['export_alpaca_s']:.2f}s = {figures['pipeline_total_s']:.2f}s   (target ≤ 3 s)")
+    print(f"                   {figures['merged']:,} merged, {figures['questions']:,} questions, "
+          f"{figures['records']:,} records, {figures['alpaca_rows']:,} alpaca rows")
+    if args.live:
+        print(f"live capture       {figures['live_stored']}/{figures['live_messages']} stored, "
+              f"{figures['live_lost']} lost, handler p50 {figures['handler_ms_p50']:.3f} ms, "
+              f"p99 {figures['handler_ms_p99']:.3f} ms   (target: 0 lost, p99 ≤ 5 ms)")
+    if args.report:
+        Path(args.report).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0

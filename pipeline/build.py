@@ -1,0 +1,41 @@
+"""The batch pipeline (``corefbot build``): concat rule + question filter over everything stored.
+
+Runs are rebuilt from the raw messages, so re-running is safe and canonical; a run's id is its first
+message's key, so labels and decisions attached to it survive a rebuild.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from pipeline.merge import DEFAULT_GAP_S, merge_all
+from pipeline.question import QuestionFilter
+from pipeline.records import Merged
+from pipeline.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class BuildStats:
+    messages: int
+    merged: int
+    questions: int
+
+
+def score_run(run: Merged, question_filter: QuestionFilter) -> Merged:
+    """The run with its question score; the bot's own messages are never questions."""
+    score = 0.0 if run.from_self else question_filter.score(run.text)
+    return replace(run, question_score=score, is_question=question_filter.passes(score))
+
+
+def build(store: Store, *, gap_s: float = DEFAULT_GAP_S, question_filter: QuestionFilter = QuestionFilter(),
+          progress: bool = False) -> BuildStats:
+    messages = store.iter_messages()
+    if progress:
+        from tqdm import tqdm
+
+        messages = tqdm(messages, total=store.count("messages"), desc="build", unit="msg", leave=False)
+    runs = [score_run(run, question_filter) for run in merge_all(messages, gap_s)]
+    store.replace_merged(runs)
+    return BuildStats(
+        messages=sum(len(r.message_ids) for r in runs), merged=len(runs),
+        questions=sum(r.is_question for r in runs),
+    )

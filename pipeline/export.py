@@ -1,0 +1,149 @@
+"""Exports: the paper's records (JSON lines) and alpaca training data (JSON list + manifest).
+
+Sender ids never leave the database as they are: every export carries salted pseudonyms, stable
+within a deployment; members who opted out appear in neither the questions nor the windows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from pipeline.labels import effective_labels
+from pipeline.prompt import balanced_orders, build_prompt, target
+from pipeline.records import AlpacaRow, Example, Merged, Record, Turn, WindowItem
+from pipeline.store import Store, pseudonym
+from pipeline.window import DEFAULT_WINDOW, with_windows
+
+NEEDS_GT = {"needs": True, "not_needed": False}
+
+
+def conversation_of(merged: Merged) -> str:
+    # Imported labelled rows live in one group per row, named "<dialogue>#<row>": the dialogue
+    # is the conversation, so a train/test split never separates rows that share their context.
+    return f"{merged.platform}:{merged.group.split('#', 1)[0]}"
+
+
+class _Pseudonyms:
+    def __init__(self, store: Store) -> None:
+        self.salt = store.salt()
+        self.cache: dict[tuple[str, str], str] = {}
+
+    def __call__(self, merged: Merged) -> str:
+        key = (merged.platform, merged.sender)
+        if key not in self.cache:
+            self.cache[key] = pseudonym(self.salt, *key)
+        return self.cache[key]
+
+
+def _visible(store: Store) -> Iterator[Merged]:
+    opted_out = store.opted_out()
+    return (m for m in store.iter_merged() if (m.platform, m.sender) not in opted_out)
+
+
+def iter_records(store: Store, window: int = DEFAULT_WINDOW) -> Iterator[Record]:
+    """One record per merged question (or labelled message), in group and time order."""
+    labels = effective_labels(store)
+    name = _Pseudonyms(store)
+    for merged, previous in with_windows(_visible(store), window):
+        label = labels.get(merged.id)
+        if merged.from_self or (label and label.label == "not_question"):
+            continue
+        if not merged.is_question and label is None:
+            continue
+        yield Record(
+            id=merged.id, sender=name(merged), text=merged.text, timestamp=merged.timestamp,
+            question_score=merged.question_score, is_question=merged.is_question,
+            cr_window=[WindowItem(sender=name(p), text=p.text, timestamp=p.timestamp) for p in previous],
+            cr_need_gt=NEEDS_GT[label.label] if label else None,
+        )
+
+
+def store_examples(store: Store, window: int = DEFAULT_WINDOW, *, use_member: bool = True) -> list[Example]:
+    """The labelled questions (needs / not needed) with their windows, senders pseudonymised."""
+    labels = effective_labels(store, use_member=use_member)
+    name = _Pseudonyms(store)
+    examples = []
+    for merged, previous in with_windows(_visible(store), window):
+        label = labels.get(merged.id)
+        if label is None or label.label not in NEEDS_GT:
+            continue
+        examples.append(Example(
+            id=merged.id, conversation=conversation_of(merged),
+            window=tuple(Turn(name(p), p.text, p.timestamp) for p in previous),
+            question=Turn(name(merged), merged.text, merged.timestamp),
+            label=label.label, rewrite=label.rewrite if label.label == "needs" else None,  # type: ignore[arg-type]
+        ))
+    return examples
+
+
+def label_sources(store: Store, *, use_member: bool = True) -> dict[str, str]:
+    return {k: v.source for k, v in effective_labels(store, use_member=use_member).items()}
+
+
+def alpaca_rows(examples: Sequence[Example], seed: int = 0) -> list[dict]:
+    """Alpaca rows (instruction, input, output) with the structured example under ``meta``.
+
+    Option orders are balanced so the correct letter is A, B and C equally often.
+    """
+    rows = []
+    for example, order in zip(examples, balanced_orders([e.label for e in examples], seed)):
+        prompt = build_prompt(example.window, example.question, order)
+        row: AlpacaRow = {"instruction": prompt.instruction, "input": "",
+                          "output": target(prompt, example.label, example.rewrite)}
+        meta = asdict(example)
+        meta["window"] = [asdict(t) for t in example.window]
+        meta["question"] = asdict(example.question)
+        meta["order"] = list(order)
+        rows.append({**row, "meta": meta})
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    path: str
+    rows: int
+    labels: dict[str, int]
+    sources: dict[str, int]
+    sha256: str
+    seed: int
+    window: int
+    member_labels: bool
+    created_at: float
+
+
+def write_records(records: Iterable[Record], out: str | Path) -> int:
+    n = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_alpaca(store: Store, out: str | Path, *, window: int = DEFAULT_WINDOW, seed: int = 0,
+                 use_member: bool = True) -> Manifest:
+    """Write the alpaca file and ``<out>.manifest.json`` beside it (counts, sources, data hash)."""
+    examples = store_examples(store, window, use_member=use_member)
+    sources = label_sources(store, use_member=use_member)
+    data = json.dumps(alpaca_rows(examples, seed), ensure_ascii=False, indent=1).encode()
+    Path(out).write_bytes(data)
+    counts: dict[str, int] = {}
+    by_source: dict[str, int] = {}
+    for e in examples:
+        counts[e.label] = counts.get(e.label, 0) + 1
+        by_source[sources[e.id]] = by_source.get(sources[e.id], 0) + 1
+    manifest = Manifest(
+        path=str(out), rows=len(examples), labels=counts, sources=by_source,
+        sha256=hashlib.sha256(data).hexdigest(), seed=seed, window=window, member_labels=use_member,
+        created_at=time.time(),
+    )
+    manifest_path(out).write_text(json.dumps(asdict(manifest), indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def manifest_path(out: str | Path) -> Path:
+    return Path(f"{out}.manifest.json")

@@ -1,0 +1,1 @@
+"""NoneBot plugins: chatlog (capture), resolver (decide, rewrite, forward), labels, nightly."""

@@ -1,0 +1,85 @@
+"""Capture: an event preprocessor (runs before any matcher, so none can block it) and an API hook for
+the bot's own messages. Both only turn the event into a record and queue it for the writer."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import nonebot_plugin_localstore as localstore
+from nonebot import get_driver, get_plugin_config, logger
+from nonebot.adapters import Bot, Event
+from nonebot.message import event_preprocessor
+
+from pipeline.question import QuestionFilter
+
+from .capture import from_event, from_sent
+from .config import Config
+from .recorder import Recorder
+
+config = get_plugin_config(Config)
+_recorder: Recorder | None = None
+
+
+def db_path():
+    return config.corefbot_db or localstore.get_data_file("corefbot", "corefbot.db")
+
+
+def get_recorder() -> Recorder:
+    """The running recorder (started with the driver)."""
+    if _recorder is None:
+        raise RuntimeError("the chatlog recorder is not running (NoneBot driver not started)")
+    return _recorder
+
+
+driver = get_driver()
+
+
+@driver.on_startup
+async def _start() -> None:
+    global _recorder
+    _recorder = Recorder(
+        db_path(), gap_s=config.corefbot_merge_gap_s, window=config.corefbot_window,
+        question_filter=QuestionFilter(config.corefbot_question_threshold, config.corefbot_min_chars),
+        queue_size=config.corefbot_queue_size,
+    )
+    _recorder.start()
+    logger.info(f"corefbot chatlog recording to {_recorder.db_path}")
+
+
+@driver.on_shutdown
+async def _stop() -> None:
+    if _recorder is None:
+        return
+    _recorder.stop()
+    if config.corefbot_timings_file and _recorder.handler_ms:
+        config.corefbot_timings_file.write_text(json.dumps(
+            {"handler_ms": list(_recorder.handler_ms), "dropped": _recorder.dropped}))
+
+
+@event_preprocessor
+async def _record_event(bot: Bot, event: Event) -> None:
+    if _recorder is None:
+        return
+    started = time.perf_counter()
+    try:
+        message = from_event(bot, event)
+    except Exception as exc:  # noqa: BLE001 - an odd event must not break other handlers
+        logger.warning(f"chatlog: could not read event {event.get_event_name()}: {exc!r}")
+        return
+    if message is not None:
+        _recorder.submit(message)
+        _recorder.handler_ms.append((time.perf_counter() - started) * 1000)
+
+
+@Bot.on_called_api
+async def _record_sent(bot: Bot, exception: Exception | None, api: str, data: dict[str, Any], result: Any) -> None:
+    if _recorder is None or exception is not None or not config.corefbot_record_self:
+        return
+    try:
+        message = from_sent(bot, api, data, result)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning(f"chatlog: could not read sent message ({api}): {exc!r}")
+        return
+    if message is not None:
+        _recorder.submit(message)
