@@ -1,13 +1,40 @@
 """Shared fixtures: a real SQLite store, and locally built tiny Qwen2 models (built once per session)."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
+from nonebug import NONEBOT_INIT_KWARGS
 
 from pipeline.store import Store
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# One NoneBot instance serves every nonebug test of the session (nonebug initialises it once); its
+# database is a fresh file, so tests look up their own groups/messages in it.
+NONEBUG_DB = Path(tempfile.mkdtemp(prefix="corefbot-nonebug-")) / "bot.db"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[NONEBOT_INIT_KWARGS] = {
+        "driver": "~fastapi+~aiohttp", "corefbot_db": str(NONEBUG_DB), "superusers": {"90001"},
+        "command_start": {"/"}, "log_level": "WARNING",
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def after_nonebot_init(after_nonebot_init: None) -> None:
+    """Load corefbot's plugins exactly as the bot does."""
+    import nonebot
+    from nonebot.adapters.onebot.v11 import Adapter as OneBotV11
+
+    from bot.app import PLUGINS
+
+    nonebot.get_driver().register_adapter(OneBotV11)
+    for plugin in PLUGINS:
+        nonebot.load_plugin(plugin)
 
 
 @pytest.fixture
