@@ -79,7 +79,13 @@ def _m2_labels_models(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_labels_models]
+def _m3_model_versions_promotion(db: sqlite_utils.Database) -> None:
+    # When a version last started serving (rollback returns to the one retired most recently) and its quant.
+    db["model_versions"].add_column("promoted_at", float)
+    db["model_versions"].add_column("quant", str)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_labels_models, _m3_model_versions_promotion]
 
 
 def connect(path: str | Path) -> sqlite_utils.Database:
