@@ -59,3 +59,16 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (development data lives in ../shared/data)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as the served format, a Q4_K_M GGUF. Its siblings in the same folder:
+    ``tiny-f16.gguf`` (the converter's output) and ``tiny-q8_0.gguf``."""
+    pytest.importorskip("llama_cpp")
+    from models.gguf import convert_hf_to_gguf, quantize
+
+    out = tmp_path_factory.mktemp("tiny_gguf")
+    f16 = convert_hf_to_gguf(tiny_hf, out / "tiny-f16.gguf")
+    quantize(f16, out / "tiny-q8_0.gguf", "q8_0")
+    return quantize(f16, out / "tiny-q4_k_m.gguf", "q4_k_m")
