@@ -1,0 +1,450 @@
+"""The ``llama-cpp`` resolver backend: a local GGUF (quantized Qwen) served in-process by llama.cpp.
+
+One :class:`LlamaBackend` owns one ``llama_cpp.Llama`` and one worker thread; every llama.cpp call
+happens on that thread, so callers (the bot runs ``resolve`` in a thread off its event loop) never
+touch the native context concurrently.
+
+Decision: the prompt comes from :func:`pipeline.prompt.build_prompt` (the one prompt builder) with
+:data:`~pipeline.prompt.SERVE_ORDER`; the next-token logits of the three option letters at the
+assistant position are soft-maxed into ``Resolution.probs`` and the decision is their argmax, so it can
+never be unparseable. When the decision is "needs", the letter and a newline are appended (exactly as
+:func:`pipeline.prompt.target` writes training targets) and the rewrite is generated greedily under a
+GBNF grammar that allows one line of bounded length; control tokens are masked so no ChatML marker
+leaks into the text.
+
+Latency: a sliding window renames senders and drops the oldest line on every message, so the group's
+prompt prefix changes from its first chat line on each time a message arrives. :meth:`observe` is
+therefore called by the bot as messages arrive: it queues a prefill of that group's prefix (system +
+header + window), computed in the background between questions, and keeps the KV state of that one
+sequence (no logits: only the KV of seq 0, ~12 KB per token for a 0.5B model) in a bounded LRU of
+groups. A question then evaluates only its own tokens. Reuse is by longest common token prefix with
+either the live context or the group's saved state, so a question whose prefix was never prefilled
+is still answered correctly (cold path), and any partial overlap (the static header) is reused.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from models.resolver import Resolution
+from pipeline.prompt import LETTERS, SERVE_ORDER, build_prompt, chatml_prefix
+from pipeline.records import Decision, Turn
+
+log = logging.getLogger(__name__)
+
+# One line, bounded: the rewrite is a single self-contained question. A trailing newline is allowed
+# so the model can end the line itself; generation stops there.
+REWRITE_GRAMMAR = 'root ::= [^\\r\\n] [^\\r\\n]{0,299} "\\n"?\n'
+# Room kept for the question, the options and the rewrite when fitting a long window into n_ctx.
+QUESTION_RESERVE = 384
+_OBSERVE_CHUNK = 64  # prefill granularity: a waiting question pre-empts a prefill within one chunk
+
+
+#: "auto": rewrite when the decision is "needs"; "always": also when it is not (rewrite quality is
+#: evaluated against gold rewrites whatever the decision); "never": decision only.
+RewriteMode = Literal["auto", "always", "never"]
+
+
+class BackendBusy(RuntimeError):
+    """The request queue is full: the caller should answer without the model (or retry later)."""
+
+
+class _Abandoned(Exception):
+    """The job's caller gave up (timeout) or a question pre-empted a prefill."""
+
+
+@dataclass(eq=False)
+class _Job:
+    kind: Literal["resolve", "observe"]
+    group: str | None
+    window: tuple[Turn, ...]
+    question: Turn | None = None
+    rewrite: "RewriteMode" = "auto"
+    deadline: float = math.inf
+    cancelled: bool = False
+    future: Future = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class _SavedState:
+    tokens: tuple[int, ...]
+    data: Any  # ctypes uint8 array holding llama_state_seq_get_data of seq 0
+    nbytes: int
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class LlamaBackend:
+    """A GGUF model served by llama.cpp with per-group KV-state reuse. See the module docstring."""
+
+    name = "llama-cpp"
+
+    def __init__(self, model_path: str | Path, *, n_threads: int | None = None, n_ctx: int = 2048,
+                 timeout_s: float = 30.0, max_queue: int = 8, max_groups: int = 32,
+                 max_state_mb: float = 256.0, max_rewrite_tokens: int = 96, n_batch: int = 512,
+                 reuse: bool = True) -> None:
+        """``reuse=False`` evaluates every prompt from scratch (the naive call the benchmark compares
+        against, and a cold reference in tests)."""
+        import llama_cpp
+
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"GGUF model not found: {self.model_path}")
+        with open(self.model_path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError(f"{self.model_path} is not a GGUF file (bad magic)")
+        self.timeout_s = timeout_s
+        self.max_queue = max_queue
+        self.max_groups = max_groups
+        self.max_state_bytes = int(max_state_mb * 1024 * 1024)
+        self.max_rewrite_tokens = max_rewrite_tokens
+        self.reuse = reuse
+        self.n_threads = n_threads or _default_threads()
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(self.model_path), n_ctx=n_ctx, n_batch=n_batch, n_threads=self.n_threads,
+                n_threads_batch=self.n_threads, logits_all=False, verbose=False,
+            )
+        except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError with no detail
+            raise ValueError(f"llama.cpp could not load {self.model_path}: {exc}") from exc
+        self._lc = llama_cpp
+        self.n_ctx = self._llm.n_ctx()
+        self._n_vocab = self._llm.n_vocab()
+        self._vocab = self._llm._model.vocab
+        try:
+            self._letters = [self._single_token(letter) for letter in LETTERS]
+            self._nl = self._single_token("\n")
+            for marker in ("<|im_start|>", "<|im_end|>"):
+                self._single_token(marker, special=True)
+        except ValueError:
+            self._llm.close()
+            raise
+        self._control_bias = {t: -math.inf for t in range(self._n_vocab)
+                              if llama_cpp.llama_vocab_is_control(self._vocab, t)
+                              and not llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+        self._live: list[int] = []  # tokens whose KV is in seq 0 of the context, in order
+        self._groups: OrderedDict[str, _SavedState] = OrderedDict()
+        self._state_bytes = 0
+        self._job: _Job | None = None
+        self.last_eval_tokens = 0  # tokens evaluated for the last decision (tests and the bench read it)
+        self.last_reused_tokens = 0
+
+        self._cv = threading.Condition()
+        self._resolves: deque[_Job] = deque()
+        self._observes: OrderedDict[str, _Job] = OrderedDict()
+        self._closing = False
+        self._worker = threading.Thread(target=self._run, name=f"llama-cpp:{self.model_path.name}", daemon=True)
+        self._worker.start()
+        log.info("llama-cpp backend loaded %s (n_ctx %d, %d threads)", self.model_path, self.n_ctx, self.n_threads)
+
+    # -- public API (any thread) -------------------------------------------------------------------
+
+    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None,
+                rewrite: RewriteMode = "auto") -> Resolution:
+        """Decide (and rewrite) one question. Blocks up to ``timeout_s``; raises :class:`BackendBusy`
+        when ``max_queue`` requests are already waiting and ``TimeoutError`` when the answer is late."""
+        if rewrite not in ("auto", "always", "never"):
+            raise ValueError(f"rewrite must be 'auto', 'always' or 'never', not {rewrite!r}")
+        start = time.perf_counter()
+        job = _Job("resolve", group, tuple(window), question, rewrite=rewrite,
+                   deadline=time.monotonic() + self.timeout_s)
+        with self._cv:
+            if self._closing:
+                raise RuntimeError(f"llama-cpp backend for {self.model_path} is closed")
+            if len(self._resolves) >= self.max_queue:
+                raise BackendBusy(f"llama-cpp resolver ({self.model_path.name}) is busy: "
+                                  f"{len(self._resolves)} requests already queued (max_queue={self.max_queue})")
+            self._resolves.append(job)
+            self._cv.notify()
+        try:
+            res: Resolution = job.future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            job.cancelled = True
+            raise TimeoutError(f"llama-cpp resolver ({self.model_path.name}) gave no answer within "
+                               f"{self.timeout_s:g} s") from None
+        return Resolution(res.decision, res.probs, res.rewrite, backend=self.name,
+                          latency_ms=(time.perf_counter() - start) * 1000)
+
+    def observe(self, group: str, window: Sequence[Turn]) -> None:
+        """Queue a background prefill of ``group``'s prompt prefix for ``window``: the window the
+        group's *next* question will be asked with (the latest messages, including the one that just
+        arrived). Returns at once; a newer window for the same group replaces a queued one."""
+        with self._cv:
+            if self._closing or not self.reuse:
+                return
+            self._observes.pop(group, None)
+            self._observes[group] = _Job("observe", group, tuple(window))
+            while len(self._observes) > self.max_groups:  # more groups pending than we would keep
+                self._observes.popitem(last=False)
+            self._cv.notify()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no job is queued or running (benchmarks and tests); False on timeout."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._resolves or self._observes or self._job is not None:
+                remaining = None if end is None else end - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cv.wait(remaining)
+        return True
+
+    def cached_groups(self) -> list[str]:
+        with self._cv:
+            return list(self._groups)
+
+    def close(self) -> None:
+        with self._cv:
+            if self._closing:
+                return
+            self._closing = True
+            pending = list(self._resolves)
+            self._resolves.clear()
+            self._observes.clear()
+            self._cv.notify_all()
+        for job in pending:
+            job.future.set_exception(RuntimeError(f"llama-cpp backend for {self.model_path} was closed"))
+        self._worker.join()
+        self._groups.clear()
+        self._llm.close()
+        log.info("llama-cpp backend closed %s", self.model_path)
+
+    def __enter__(self) -> "LlamaBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- worker thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._closing or self._resolves or self._observes):
+                    self._cv.wait()
+                if self._closing:
+                    return
+                if self._resolves:
+                    job = self._resolves.popleft()
+                else:
+                    _, job = self._observes.popitem(last=False)
+                self._job = job
+            try:
+                if job.kind == "resolve":
+                    if job.cancelled or time.monotonic() > job.deadline:
+                        raise _Abandoned
+                    job.future.set_result(self._resolve(job))
+                else:
+                    self._observe(job)
+            except _Abandoned:
+                if job.kind == "resolve" and not job.future.done():
+                    job.future.set_exception(TimeoutError("abandoned"))
+                elif job.kind == "observe":
+                    self._requeue_observe(job)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                if job.kind == "resolve":
+                    job.future.set_exception(exc)
+                else:
+                    log.exception("prefill for group %s failed", job.group)
+                self._reset_context()
+            finally:
+                with self._cv:
+                    self._job = None
+                    self._cv.notify_all()
+
+    def _requeue_observe(self, job: _Job) -> None:
+        with self._cv:
+            if job.group is not None and job.group not in self._observes and not self._closing:
+                self._observes[job.group] = job
+                self._observes.move_to_end(job.group, last=False)
+
+    def _check(self, job: _Job) -> None:
+        if job.kind == "resolve":
+            if job.cancelled or time.monotonic() > job.deadline:
+                raise _Abandoned
+        elif self._resolves:  # a question is waiting: it goes first
+            raise _Abandoned
+
+    # -- llama.cpp work (worker thread only) -------------------------------------------------------
+
+    def _single_token(self, text: str, *, special: bool = False) -> int:
+        toks = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        if len(toks) != 1:
+            raise ValueError(f"{self.model_path}: {text!r} is not a single token in this model's vocabulary "
+                             f"({toks}); a Qwen2 ChatML tokenizer is required")
+        return toks[0]
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def _fit(self, window: tuple[Turn, ...]) -> tuple[tuple[Turn, ...], list[int], str]:
+        """Drop the oldest turns until the prefix leaves room for a question in ``n_ctx``."""
+        budget = self.n_ctx - QUESTION_RESERVE
+        n_turns = len(window)
+        while True:
+            history = build_prompt(window, Turn("", "", 0.0), SERVE_ORDER).history
+            prefix = self._tokenize(chatml_prefix(history))
+            if len(prefix) <= budget or not window:
+                break
+            window = window[1:]
+        if len(window) < n_turns:
+            log.warning("window cut from %d to %d turns to fit n_ctx %d (%d tokens kept for the question)",
+                        n_turns, len(window), self.n_ctx, QUESTION_RESERVE)
+        return window, prefix, history
+
+    def _reset_context(self) -> None:
+        self._llm._ctx.kv_cache_clear()
+        self._live = []
+
+    def _truncate(self, n: int) -> None:
+        if n < len(self._live):
+            if not self._llm._ctx.kv_cache_seq_rm(0, n, -1):
+                self._reset_context()
+                return
+            del self._live[n:]
+
+    def _decode(self, tokens: Sequence[int], job: _Job, chunk: int | None = None) -> None:
+        step = min(chunk or self._llm.n_batch, self._llm.n_batch)
+        for i in range(0, len(tokens), step):
+            self._check(job)
+            part = list(tokens[i:i + step])
+            if len(self._live) + len(part) > self.n_ctx:
+                raise ValueError(f"prompt of {len(self._live) + len(part)} tokens exceeds n_ctx {self.n_ctx}")
+            self._llm._batch.set_batch(batch=part, n_past=len(self._live), logits_all=False)
+            rc = self._lc.llama_decode(self._llm.ctx, self._llm._batch.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with status {rc} ({self.model_path})")
+            self._live.extend(part)
+
+    def _restore(self, state: _SavedState) -> None:
+        self._reset_context()
+        got = self._lc.llama_state_seq_set_data(self._llm.ctx, state.data, state.nbytes, 0)
+        if got == 0:
+            raise RuntimeError(f"could not restore a saved KV state ({self.model_path})")
+        self._live = list(state.tokens)
+
+    def _save(self, group: str) -> None:
+        size = self._lc.llama_state_seq_get_size(self._llm.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        n = self._lc.llama_state_seq_get_data(self._llm.ctx, buf, size, 0)
+        old = self._groups.pop(group, None)
+        if old is not None:
+            self._state_bytes -= old.nbytes
+        self._groups[group] = _SavedState(tuple(self._live), buf, int(n))
+        self._state_bytes += int(n)
+        while self._groups and (len(self._groups) > self.max_groups or self._state_bytes > self.max_state_bytes):
+            _, dropped = self._groups.popitem(last=False)
+            self._state_bytes -= dropped.nbytes
+
+    def _reuse(self, group: str | None, tokens: Sequence[int]) -> int:
+        """Bring the context to the longest available prefix of ``tokens``; returns its length."""
+        if not self.reuse:
+            self._reset_context()
+            return 0
+        n = _lcp(self._live, tokens)
+        saved = self._groups.get(group) if group is not None else None
+        if saved is not None:
+            self._groups.move_to_end(group)  # type: ignore[arg-type]
+            if _lcp(saved.tokens, tokens) > n:
+                self._restore(saved)
+                n = _lcp(self._live, tokens)
+        n = min(n, len(tokens) - 1)  # the last token is always evaluated: its logits are the answer
+        self._truncate(n)
+        return n
+
+    def _observe(self, job: _Job) -> None:
+        _, prefix, _ = self._fit(job.window)
+        assert job.group is not None
+        saved = self._groups.get(job.group)
+        if saved is not None and saved.tokens == tuple(prefix):
+            self._groups.move_to_end(job.group)
+            return
+        n = self._reuse(job.group, prefix)
+        self._decode(prefix[n:], job, chunk=_OBSERVE_CHUNK)
+        self._save(job.group)
+
+    def _resolve(self, job: _Job) -> Resolution:
+        assert job.question is not None
+        window, prefix, _ = self._fit(job.window)
+        prompt = build_prompt(window, job.question, SERVE_ORDER)
+        full = self._tokenize(prompt.chatml())
+        if len(full) + self.max_rewrite_tokens + 2 > self.n_ctx:
+            raise ValueError(f"question of {len(full)} prompt tokens does not fit n_ctx {self.n_ctx}")
+        boundary = _lcp(prefix, full)  # BPE may merge across the prefix/question seam
+        n = self._reuse(job.group, full)
+        self.last_reused_tokens = n
+        if self.reuse and job.group is not None and n < boundary:
+            # Cold for this group: compute its prefix first and keep it for the next question.
+            self._decode(full[n:boundary], job)
+            self._save(job.group)
+            n = boundary
+        self._decode(full[n:], job)
+        self.last_eval_tokens = len(full) - self.last_reused_tokens
+        probs = self._option_probs()
+        decision: Decision = max(probs, key=probs.__getitem__)
+        rewrite = None
+        if job.rewrite == "always" or (job.rewrite == "auto" and decision == "needs"):
+            letter = self._letters[SERVE_ORDER.index("needs")]
+            self._decode([letter, self._nl], job)
+            rewrite = self._generate_line(job)
+        return Resolution(decision, probs, rewrite, backend=self.name)
+
+    def _option_probs(self) -> dict[Decision, float]:
+        ptr = self._lc.llama_get_logits_ith(self._llm.ctx, -1)
+        logits = [float(ptr[t]) for t in self._letters]
+        top = max(logits)
+        exps = [math.exp(x - top) for x in logits]
+        total = sum(exps)
+        return {SERVE_ORDER[i]: exps[i] / total for i in range(len(LETTERS))}
+
+    def _generate_line(self, job: _Job) -> str | None:
+        from llama_cpp._internals import LlamaSampler
+
+        sampler = LlamaSampler()
+        try:
+            if self._control_bias:
+                sampler.add_logit_bias(self._n_vocab, self._control_bias)
+            grammar = self._lc.llama_sampler_init_grammar(self._vocab, REWRITE_GRAMMAR.encode(), b"root")
+            if not grammar:
+                raise RuntimeError("llama.cpp rejected the rewrite grammar")
+            self._lc.llama_sampler_chain_add(sampler.sampler, grammar)
+            sampler.add_greedy()
+            out = b""
+            for _ in range(self.max_rewrite_tokens):
+                self._check(job)
+                tok = sampler.sample(self._llm._ctx, -1)
+                if self._lc.llama_vocab_is_eog(self._vocab, tok):
+                    break
+                piece = self._llm.detokenize([tok])
+                if b"\n" in piece:
+                    out += piece.split(b"\n", 1)[0]
+                    break
+                out += piece
+                self._decode([tok], job)
+        finally:
+            sampler.close()
+        text = out.decode("utf-8", errors="ignore").strip()
+        return text or None

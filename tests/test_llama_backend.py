@@ -1,0 +1,178 @@
+"""models.llama_backend on the tiny Q4_K_M model: decisions, grammar, state reuse, errors, queue, timeout."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from models.llama_backend import REWRITE_GRAMMAR, BackendBusy, LlamaBackend  # noqa: E402
+from pipeline.prompt import DECISIONS  # noqa: E402
+from pipeline.records import Turn  # noqa: E402
+
+WINDOW = [
+    Turn("alice", "mmpose 能部署到手机上吗？", 0.0),
+    Turn("bob", "Can mmpose be deployed on mobile phones?", 5.0),
+    Turn("alice", "试过了，安卓上可以，iOS 还没试", 9.0),
+    Turn("carol", "Which version of PyTorch do you use?", 14.0),
+]
+QUESTIONS = [
+    Turn("dave", "BTW, how to deploy it on TX2?", 20.0),
+    Turn("dave", "在 TX2 上呢？", 20.0),
+    Turn("erin", "为什么不好用？", 20.0),
+    Turn("erin", "How do I install CUDA 12 on Ubuntu 22.04?", 20.0),
+]
+
+
+def _long_window(n: int, words: int = 40) -> list[Turn]:
+    return [Turn(f"u{i % 6}", " ".join(f"word{(i * 7 + j) % 97}" for j in range(words)) + " 这个怎么装？",
+                 float(i)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_gguf: Path):
+    b = LlamaBackend(tiny_gguf, n_threads=2)
+    yield b
+    b.close()
+
+
+def test_missing_model_names_the_path(tmp_path: Path):
+    path = tmp_path / "absent.gguf"
+    with pytest.raises(FileNotFoundError, match="absent.gguf"):
+        LlamaBackend(path)
+
+
+@pytest.mark.parametrize("content", [b"this is not a model", b"GGUF" + bytes(range(256)) * 4])
+def test_corrupt_model_names_the_path(tmp_path: Path, content: bytes):
+    path = tmp_path / "corrupt.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="corrupt.gguf"):
+        LlamaBackend(path)
+
+
+def test_truncated_model_names_the_path(tiny_gguf: Path, tmp_path: Path):
+    path = tmp_path / "truncated.gguf"
+    path.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.gguf"):
+        LlamaBackend(path)
+
+
+def test_decisions_always_parse_and_probs_sum_to_one(backend: LlamaBackend):
+    windows = [WINDOW, [], WINDOW[:1], _long_window(12)]
+    for window in windows:
+        for q in QUESTIONS:
+            res = backend.resolve(window, q, group="g-parse")
+            assert res.decision in DECISIONS
+            assert set(res.probs) == set(DECISIONS)
+            assert sum(res.probs.values()) == pytest.approx(1.0, abs=1e-9)
+            assert all(0.0 < p < 1.0 for p in res.probs.values())
+            assert res.decision == max(res.probs, key=res.probs.get)
+            assert res.backend == "llama-cpp"
+            assert res.rewrite is None or res.decision == "needs"
+
+
+def test_rewrite_is_one_bounded_line(backend: LlamaBackend):
+    assert "{0,299}" in REWRITE_GRAMMAR  # the bound the assertion below relies on
+    seen = 0
+    for q in QUESTIONS:
+        res = backend.resolve(WINDOW, q, group="g-grammar", rewrite="always")
+        assert res.rewrite is not None  # a random model still writes something under the grammar
+        assert "\n" not in res.rewrite and "\r" not in res.rewrite
+        assert "<|im_start|>" not in res.rewrite and "<|endoftext|>" not in res.rewrite
+        assert 0 < len(res.rewrite) <= 300
+        seen += 1
+    assert seen == len(QUESTIONS)
+    assert backend.resolve(WINDOW, QUESTIONS[0], rewrite="never").rewrite is None
+
+
+def test_state_reuse_returns_the_cold_answer(tiny_gguf: Path):
+    with LlamaBackend(tiny_gguf, n_threads=2, reuse=False) as cold, LlamaBackend(tiny_gguf, n_threads=2) as warm:
+        groups = {"g1": WINDOW, "g2": list(reversed(WINDOW)), "g3": _long_window(11, words=12)}
+        for group, window in groups.items():
+            warm.observe(group, window)
+        assert warm.wait_idle(timeout=60)
+        assert set(warm.cached_groups()) == set(groups)
+        # interleave groups so answers come from restored per-group states, not the live context
+        for q in QUESTIONS:
+            for group, window in groups.items():
+                expected = cold.resolve(window, q, rewrite="always")
+                cold_tokens = cold.last_eval_tokens
+                got = warm.resolve(window, q, group=group, rewrite="always")
+                assert got.decision == expected.decision
+                for d in DECISIONS:
+                    assert got.probs[d] == pytest.approx(expected.probs[d], abs=1e-5)
+                assert got.rewrite == expected.rewrite
+                # the prefilled prefix was reused: only the question's own tokens were evaluated
+                assert warm.last_reused_tokens > 0
+                assert warm.last_eval_tokens < cold_tokens / 2
+
+
+def test_cold_question_in_a_group_is_kept_for_the_next(tiny_gguf: Path):
+    with LlamaBackend(tiny_gguf, n_threads=2) as b:
+        b.resolve(WINDOW, QUESTIONS[0], group="g")
+        first = b.last_eval_tokens
+        b.resolve(list(reversed(WINDOW)), QUESTIONS[0], group="other")
+        b.resolve(WINDOW, QUESTIONS[1], group="g")
+        assert b.last_eval_tokens < first / 2  # the group's prefix came back from its saved state
+
+
+def test_group_cache_is_bounded(tiny_gguf: Path):
+    with LlamaBackend(tiny_gguf, n_threads=2, max_groups=2) as b:
+        for i in range(4):
+            b.observe(f"g{i}", WINDOW[: i + 1])
+        assert b.wait_idle(timeout=60)
+        assert b.cached_groups() == ["g2", "g3"]
+
+
+def test_long_window_is_cut_to_fit(tiny_gguf: Path):
+    with LlamaBackend(tiny_gguf, n_threads=2, n_ctx=1024) as b:
+        res = b.resolve(_long_window(60), QUESTIONS[0], group="g", rewrite="always")
+        assert res.decision in DECISIONS
+
+
+def test_queue_full_raises_busy(tiny_gguf: Path):
+    with LlamaBackend(tiny_gguf, n_threads=1, max_queue=1, n_ctx=4096) as b:
+        window = _long_window(80)  # a cold prompt of ~3,500 tokens keeps the worker busy
+        errors: list[BaseException] = []
+        done: list[object] = []
+
+        def ask(i: int) -> None:
+            try:
+                done.append(b.resolve(window, Turn("x", f"question {i}?", 1.0), group=f"q{i}"))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert any(isinstance(e, BackendBusy) for e in errors)
+        assert all(isinstance(e, BackendBusy) for e in errors)
+        assert "max_queue=1" in str(next(e for e in errors if isinstance(e, BackendBusy)))
+        assert len(done) >= 2  # the running request and the queued one were answered
+
+
+def test_timeout_raises_and_leaves_a_working_backend(tiny_gguf: Path):
+    with LlamaBackend(tiny_gguf, n_threads=1, n_ctx=4096, timeout_s=0.005, n_batch=32) as b:
+        with pytest.raises(TimeoutError, match="within"):
+            b.resolve(_long_window(80), QUESTIONS[0], group="slow")
+        assert b.wait_idle(timeout=60)  # the worker dropped the abandoned request
+        b.timeout_s = 60
+        got = b.resolve(WINDOW, QUESTIONS[0], group="slow", rewrite="always")
+    with LlamaBackend(tiny_gguf, n_threads=1, reuse=False) as fresh:
+        expected = fresh.resolve(WINDOW, QUESTIONS[0], rewrite="always")
+    assert got.decision == expected.decision and got.rewrite == expected.rewrite
+    assert got.probs["needs"] == pytest.approx(expected.probs["needs"], abs=1e-5)
+
+
+def test_closed_backend_refuses_requests(tiny_gguf: Path):
+    b = LlamaBackend(tiny_gguf, n_threads=1)
+    b.close()
+    b.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        b.resolve(WINDOW, QUESTIONS[0])
+    with LlamaBackend(b.model_path, n_threads=1) as other, pytest.raises(ValueError, match="rewrite"):
+        other.resolve(WINDOW, QUESTIONS[0], rewrite="sometimes")  # type: ignore[arg-type]
