@@ -85,7 +85,27 @@ def _m3_model_versions_promotion(db: sqlite_utils.Database) -> None:
     db["model_versions"].add_column("quant", str)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_labels_models, _m3_model_versions_promotion]
+def _m4_outbox(db: sqlite_utils.Database) -> None:
+    # The resolver plugin's durable outbox: one row per forwarded question (merged_id UNIQUE: never twice).
+    db["outbox"].create(
+        {
+            "id": int, "merged_id": str, "platform": str, "group_id": str, "self_id": str, "reply_to": str,
+            "asker": str, "question": str, "query": str, "history": str, "status": str, "attempts": int,
+            "next_at": float, "created_at": float, "updated_at": float, "delivered_at": float,
+            "answer": str, "error": str, "reply_message_id": str,
+        },
+        pk="id", not_null={"merged_id", "status"}, defaults={"attempts": 0},
+    )
+    db["outbox"].create_index(["merged_id"], unique=True)
+    db["outbox"].create_index(["status", "next_at"])
+    # What the decision was made from and how: the question as resolved, gate, rejected rewrite, latency.
+    for column, kind in (("question", str), ("gated", int), ("rejected_rewrite", str), ("reject_reason", str),
+                         ("latency_ms", float)):
+        db["decisions"].add_column(column, kind)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_labels_models, _m3_model_versions_promotion,
+                                                        _m4_outbox]
 
 
 def connect(path: str | Path) -> sqlite_utils.Database:
