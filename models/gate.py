@@ -1,0 +1,249 @@
+"""The gate: a cheap detector that lets self-contained questions skip the model.
+
+A logistic regression over the rule cues of :mod:`models.rules`, character 1–3-grams of the question
+(Chinese needs characters, not words) and its first words, trained in pure Python (no numpy, so the
+rules-only path installs nothing heavy) with AdaGrad and L2. It ships as ``models/gate_model.json``
+and retrains from any labelled examples (:meth:`Gate.train`).
+
+Two thresholds come out of training, both chosen on out-of-fold predictions over the training rows
+(conversation-grouped folds), never on evaluation rows:
+- ``threshold`` (the gate): the highest one keeping out-of-fold recall of needs-resolution ≥
+  ``target_recall`` (0.99 by default, a margin over the 0.98 the issue asks for on unseen data);
+- ``decision_threshold`` (the ``rules`` backend's decision): the one with the best out-of-fold Matthews correlation.
+
+Rebuild the shipped model: ``python -m models.gate [--shared ../shared/data] [--out models/gate_model.json]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pipeline.records import Example, Turn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = Path(__file__).with_name("gate_model.json")
+DATA = Path(__file__).parent / "data"
+OWN_DATA = (DATA / "zh_cases.jsonl", DATA / "en_cases.jsonl")  # hand-written cases; their "test" splits are never fitted
+FORMAT = "corefbot-gate/1"
+
+
+def _normalize(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).lower().strip()
+    return re.sub(r"\d", "0", re.sub(r"\s+", " ", text))
+
+
+def features(window: Sequence[Turn], question: Turn) -> list[str]:
+    """Sparse binary features of one question (its window only enters through the rule cues)."""
+    from models.rules import cues
+
+    text = _normalize(question.text)
+    feats = ["bias"] + [f"r:{c}" for c in cues(window, question)]
+    padded = f"^{text}$"
+    for n in (1, 2, 3):
+        feats += [f"c{n}:{padded[i:i + n]}" for i in range(len(padded) - n + 1)]
+    words = re.findall(r"[a-z0-9']+|[\u3400-\u9fff]", text)
+    feats += [f"w:{w}" for w in words]
+    if words:
+        feats.append(f"w0:{words[0]}")
+        feats.append(f"w01:{' '.join(words[:2])}")
+    return list(dict.fromkeys(feats))
+
+
+def _sigmoid(z: float) -> float:
+    return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
+
+
+def _fit(rows: list[tuple[list[str], int, float]], *, epochs: int, lr: float, l2: float, seed: int,
+         min_count: int) -> dict[str, float]:
+    counts = Counter(f for feats, _, _ in rows for f in feats)
+    vocab = {f for f, c in counts.items() if c >= min_count}
+    data = [([f for f in feats if f in vocab], y, sw) for feats, y, sw in rows]
+    w: dict[str, float] = defaultdict(float)
+    g2: dict[str, float] = defaultdict(lambda: 1e-8)
+    rng = random.Random(seed)
+    pos = sum(y for _, y, _ in data)
+    # Balance the classes: each side weighs as much in the loss.
+    cw = {1: len(data) / (2 * max(pos, 1)), 0: len(data) / (2 * max(len(data) - pos, 1))}
+    for _ in range(epochs):
+        rng.shuffle(data)
+        for feats, y, sw in data:
+            p = _sigmoid(sum(w[f] for f in feats))
+            grad = (p - y) * cw[y] * sw
+            for f in feats:
+                g = grad + l2 * w[f]
+                g2[f] += g * g
+                w[f] -= lr * g / math.sqrt(g2[f])
+    return {f: round(v, 4) for f, v in w.items() if abs(v) >= 5e-4}
+
+
+def _strong_cues() -> frozenset[str]:
+    from models.rules import STRONG_CUES
+
+    return STRONG_CUES
+
+
+def _source(example: Example) -> str:
+    return example.id.split(":", 1)[0]
+
+
+def _score(weights: dict[str, float], feats: Iterable[str]) -> float:
+    return _sigmoid(sum(weights.get(f, 0.0) for f in feats))
+
+
+def _recall_threshold(scored: list[tuple[float, int]], target: float) -> float:
+    """The highest threshold whose recall of the positives is ≥ target."""
+    pos = sorted((p for p, y in scored if y), reverse=True)
+    if not pos:
+        return 0.5
+    k = max(0, math.ceil(target * len(pos)) - 1)
+    return pos[k] - 1e-9
+
+
+def _mcc_threshold(scored: list[tuple[float, int]]) -> float:
+    from pipeline.metrics import Confusion
+
+    best, best_t = -2.0, 0.5
+    for t in [i / 100 for i in range(5, 96)]:
+        c = Confusion.of([bool(y) for _, y in scored], [p >= t for p, _ in scored])
+        if c.mcc > best:
+            best, best_t = c.mcc, t
+    return best_t
+
+
+@dataclass
+class Gate:
+    """Rules + a character n-gram logistic regression. ``needs_model`` is the gate's one question."""
+
+    weights: dict[str, float]
+    threshold: float
+    decision_threshold: float = 0.5
+    meta: dict = field(default_factory=dict)
+    override: frozenset[str] = field(default_factory=lambda: _strong_cues())
+
+    def probability(self, window: Sequence[Turn], question: Turn) -> float:
+        """The classifier's probability that the question needs resolution."""
+        return _score(self.weights, features(window, question))
+
+    def strong_cue(self, window: Sequence[Turn], question: Turn) -> bool:
+        """Whether a rule that alone sends the question on (an explicit anaphor, clear ellipsis) fires."""
+        from models.rules import cues
+
+        return bool(self.override & set(cues(window, question)))
+
+    def needs_model(self, window: Sequence[Turn], question: Turn) -> bool:
+        return self.strong_cue(window, question) or self.probability(window, question) >= self.threshold
+
+    @classmethod
+    def train(cls, examples: Sequence[Example], *, target_recall: float = 0.99, folds: int = 5,
+              epochs: int = 6, lr: float = 0.1, l2: float = 1e-3, min_count: int = 2, seed: int = 0,
+              max_source_weight: float = 4.0) -> "Gate":
+        """Fit on labelled examples ("unknown"/"not_question" rows are skipped); thresholds from out-of-fold scores."""
+        from tqdm import tqdm
+
+        usable = [e for e in examples if e.label in ("needs", "not_needed")]
+        if not usable or len({e.label for e in usable}) < 2:
+            raise ValueError(f"gate training needs examples of both classes, got {Counter(e.label for e in usable)}")
+        # Each source weighs about as much as the others (capped), so a few hundred hand-written Chinese
+        # cases are not drowned by thousands of English restaurant dialogues.
+        per_source = Counter(_source(e) for e in usable)
+        share = len(usable) / len(per_source)
+        rows = [(features(e.window, e.question), int(e.label == "needs"),
+                 min(max_source_weight, share / per_source[_source(e)])) for e in usable]
+        convs = sorted({e.conversation for e in usable})
+        random.Random(seed).shuffle(convs)
+        fold_of = {c: i % folds for i, c in enumerate(convs)}
+        scored: list[tuple[float, int]] = []
+        kw = dict(epochs=epochs, lr=lr, l2=l2, seed=seed, min_count=min_count)
+        for k in tqdm(range(folds), desc="gate folds", unit="fold", leave=False):
+            train = [r for r, e in zip(rows, usable) if fold_of[e.conversation] != k]
+            held = [r for r, e in zip(rows, usable) if fold_of[e.conversation] == k]
+            w = _fit(train, **kw)
+            scored += [(_score(w, f), y) for f, y, _ in held]
+        weights = _fit(rows, **kw)
+        override = _strong_cues()
+        # A row a strong cue already sends on counts as sent whatever its score: score it 1.
+        strong = [bool(override & {f[2:] for f in feats if f.startswith("r:")}) for feats, _, _ in rows]
+        held_order = [i for k in range(folds) for i, e in enumerate(usable) if fold_of[e.conversation] == k]
+        scored = [(1.0 if strong[i] else p, y) for i, (p, y) in zip(held_order, scored)]
+        threshold = _recall_threshold(scored, target_recall)
+        decision = max(_mcc_threshold(scored), threshold)
+        from pipeline.metrics import Confusion
+
+        oof = Confusion.of([bool(y) for _, y in scored], [p >= threshold for p, _ in scored])
+        meta = {"n": len(usable), "positives": sum(y for _, y, _ in rows), "sources": dict(per_source),
+                "target_recall": target_recall, "oof_recall": oof.recall, "oof_specificity": oof.specificity,
+                "hyper": {"epochs": epochs, "lr": lr, "l2": l2, "min_count": min_count, "folds": folds, "seed": seed,
+                          "max_source_weight": max_source_weight}}
+        log.info("gate trained on %d examples: threshold %.4f (oof recall %.3f, specificity %.3f), decision %.2f",
+                 len(usable), threshold, oof.recall, oof.specificity, decision)
+        return cls(weights=weights, threshold=threshold, decision_threshold=decision, meta=meta, override=override)
+
+    def save(self, path: str | Path) -> None:
+        doc = {"format": FORMAT, "threshold": self.threshold, "decision_threshold": self.decision_threshold,
+               "override": sorted(self.override), "meta": self.meta, "weights": dict(sorted(self.weights.items()))}
+        Path(path).write_text(json.dumps(doc, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "Gate":
+        path = Path(path) if path else DEFAULT_PATH
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"gate model {path} does not exist (rebuild it with `python -m models.gate`)") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"gate model {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"gate model {path}: expected format {FORMAT!r}, got {doc.get('format') if isinstance(doc, dict) else type(doc).__name__!r}")
+        for key in ("threshold", "weights"):
+            if key not in doc:
+                raise ValueError(f"gate model {path}: missing key {key!r}")
+        return cls(weights={str(k): float(v) for k, v in doc["weights"].items()}, threshold=float(doc["threshold"]),
+                   decision_threshold=float(doc.get("decision_threshold", 0.5)), meta=doc.get("meta", {}),
+                   override=frozenset(doc["override"]) if "override" in doc else _strong_cues())
+
+
+def default_training_examples(shared: str | Path | None = None) -> list[Example]:
+    """The shipped model's training rows: task_gecor's train split and the train splits of our own cases."""
+    from pipeline.examples import load_unified
+
+    examples = [e for path in OWN_DATA for e in load_unified(path) if e.split == "train"]
+    shared = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared" / "data"
+    task = shared / "task_gecor.jsonl"
+    if task.exists():
+        examples += load_unified(task, split="train")
+    else:
+        log.warning("%s is absent: training on the Chinese cases only", task)
+    return examples
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.gate", description="Train the shipped gate model.")
+    parser.add_argument("--shared", help="folder holding task_gecor.jsonl (default ../shared/data)")
+    parser.add_argument("--extra", nargs="*", default=[], help="more training files (unified or alpaca; all their rows)")
+    parser.add_argument("--out", default=str(DEFAULT_PATH))
+    parser.add_argument("--target-recall", type=float, default=0.99)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.examples import load_examples
+
+    examples = default_training_examples(args.shared)
+    for path in args.extra:
+        examples += load_examples(path)
+    gate = Gate.train(examples, target_recall=args.target_recall)
+    gate.save(args.out)
+    log.info("wrote %s (%d weights, %d bytes)", args.out, len(gate.weights), Path(args.out).stat().st_size)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

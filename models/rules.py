@@ -1,0 +1,287 @@
+"""The no-LLM resolver: bilingual anaphora/ellipsis cues, the gate's learned classifier, and a
+nearest-antecedent rewrite from the window.
+
+Cues (:func:`cues`) are named so the classifier can weigh them and a log can say why a question was
+sent on. They cover what makes a question lean on its context:
+- English: personal pronouns (it, they, he…), demonstratives (this, that, those…), "one", "there",
+  "the same", "what about / how about …", "else / other / another", a bare "the NOUN" with no name;
+- Chinese: 它/他/她/他们, 这个/那个/这/那/该/此/上述/其, sentence-initial 那/那么, and ellipsis without any
+  pronoun: 「为什么不好用？」「在 TX2 上呢？」「怎么装？」 — a question with no subject or object of its own;
+- both: questions with no content word, very short questions, a window that is empty.
+
+:class:`RulesBackend` decides with the gate's classifier (rules + character n-grams; its probability is
+the confidence) and rewrites by putting the nearest fitting antecedent — a technical term or named
+thing from the window, newest message first — where the pronoun was, or next to the elliptical question.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from pipeline.records import Turn
+
+CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_HAS_CJK = re.compile(f"[{CJK}]")
+
+EN_PERSONAL = frozenset("it its itself they them their theirs themselves he him his himself she her hers herself".split())
+EN_DEMONSTRATIVE = frozenset("this that these those".split())
+EN_OTHER = frozenset("else other another others besides aside additional same former latter".split())
+EN_QWORDS = frozenset("what when where who whom whose why how which is are was were do does did can could will would should "
+                      "may might has have had any".split())
+EN_STOP = frozenset("""
+a an the of in on at to for from with by about into over as and or but than then so is are was were be been am
+do does did done has have had will would can could should may might must shall i me my you your we us our
+what when where who whom whose why how which there here not no yes please tell know any some much many more
+it its they them their he him his she her this that these those one ones get got make made go went like just
+also too very really well ok okay thanks thank hi hello else other another same
+""".split())
+_THAT_ANAPHORIC_AFTER = frozenset("about is was for of with on in do does did like from to at after before by into than "
+                                  "and or but so if what how when why where about is's".split())
+#: Cues that alone send a question to the model (the gate's rule half): explicit anaphors and the
+#: clearest ellipsis patterns. A learned weight can be wrong on text unlike its training data; these are not.
+STRONG_CUES = frozenset({"en_personal", "en_dem_bare", "en_dem_np", "en_else_other", "en_what_about", "en_same",
+                         "zh_personal", "zh_dem", "zh_initial", "zh_predicate_only", "zh_ne", "no_content"})
+EN_ELLIPSIS_START = re.compile(r"^\s*(and\s+|so\s+|but\s+|then\s+)?(what|how)\s+about\b|^\s*(and|also|so)\b[^?]{0,25}\?", re.I)
+
+ZH_PERSONAL = ("它们", "他们", "她们", "它", "他", "她")
+ZH_DEMONSTRATIVE = ("这个", "那个", "这些", "那些", "这种", "那种", "这款", "那款", "这俩", "那俩", "这两", "那两",
+                    "上述", "前者", "后者", "该", "此", "其")
+ZH_INITIAL = re.compile(r"^\s*(那么|那|所以|然后|还有|另外|顺便问下?|顺便)[，,\s]?")
+# Ellipsis: a question made only of a predicate (why/how/how much…), or a bare "X 呢？".
+ZH_PREDICATE_ONLY = re.compile(
+    r"^[\s，,。]*(为什么|为啥|怎么|怎样|如何|咋|能|可以|会|要|有|是不是|是|多少|多久|多大|哪个|哪些|啥|什么)"
+    r"[^A-Za-z0-9]{0,10}[？?吗呢]?\s*$")
+ZH_NE = re.compile(r"呢\s*[？?]?\s*$")
+ZH_STOP = frozenset("的了吗呢吧啊呀么是有在上中里和与跟及或把被对为于从到给还也都就又再很太更最能会要可以怎样什为啥哪多少个这那它他她们该此其请问下一不没")
+
+_TERM = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_.+][A-Za-z0-9]+)*(?:\s?\d+(?:\.\d+)*[A-Za-z]*)?|\d+(?:\.\d+)?[A-Za-z]+\d*")
+_CAP_SEQ = re.compile(r"\b[A-Z][\w'’.-]*(?:\s+(?:of|the|and|de|van|von|der|la|le)?\s*[A-Z][\w'’.-]*)*")
+ZH_NOUNS = ("显卡", "驱动", "模型", "数据集", "服务器", "镜像", "环境", "教程", "文档", "版本", "插件", "接口", "报错", "配置",
+            "权重", "代码", "仓库", "容器", "算子", "脚本", "依赖", "内存", "显存", "电源", "主板", "框架", "论文", "方案")
+
+
+def _norm(text: str) -> str:
+    return text.strip().lower()
+
+
+def en_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9][a-z0-9'’+#.-]*", text.lower())
+
+
+def content_words(text: str) -> list[str]:
+    """Content-bearing tokens: Latin words that are not stop words, and Chinese characters that are not function characters."""
+    words = [w.strip(".'’-") for w in en_words(text)]
+    out = [w for w in words if w and w not in EN_STOP]
+    out += [c for c in text if _HAS_CJK.match(c) and c not in ZH_STOP]
+    return out
+
+
+def terms(text: str) -> list[str]:
+    """Technical terms and named things in a message, in order: mmpose, TX2, CUDA 12.1, Golden Wok, 显卡驱动…"""
+    found: list[tuple[int, str]] = []
+    for m in _TERM.finditer(text):
+        word = m.group(0).strip()
+        if word.lower() in EN_STOP or (len(word) < 2 and not word.isupper()):
+            continue
+        is_tech = (_HAS_CJK.search(text) is not None) or any(c.isdigit() for c in word) \
+            or (any(c.isupper() for c in word[1:])) or word.isupper()
+        if is_tech:
+            found.append((m.start(), word))
+    for m in _CAP_SEQ.finditer(text):
+        seq = m.group(0).strip(" .")
+        first = seq.split()[0]
+        if m.start() == 0 and len(seq.split()) == 1:  # a sentence's first word is capitalised anyway
+            continue
+        if first.lower() in EN_STOP:
+            continue
+        found.append((m.start(), seq))
+    for noun in ZH_NOUNS:
+        for m in re.finditer(re.escape(noun), text):
+            # Take the noun with the Chinese characters right before it: 「显卡驱动」, 「自定义的关键点数据集」 stays short.
+            start = m.start()
+            while start > 0 and _HAS_CJK.match(text[start - 1]) and m.end() - start < 4 and text[start - 1] not in ZH_STOP:
+                start -= 1
+            found.append((start, text[start:m.end()]))
+    found.sort()
+    out: list[str] = []
+    for _, t in found:
+        if not any(t in o for o in out):
+            out = [o for o in out if o not in t] + [t]
+    return out
+
+
+def cues(window: Sequence[Turn], question: Turn) -> list[str]:
+    """Named rule cues for one question; the gate's classifier weighs them."""
+    text = question.text.strip()
+    low = text.lower()
+    words = [w.strip(".'’-") for w in en_words(text)]
+    zh = _HAS_CJK.search(text) is not None
+    out: list[str] = []
+    if any(w in EN_PERSONAL for w in words):
+        out.append("en_personal")
+    for i, w in enumerate(words):
+        if w in EN_DEMONSTRATIVE:
+            prev = words[i - 1] if i else ""
+            nxt = words[i + 1] if i + 1 < len(words) else ""
+            if w == "that" and prev and prev not in _THAT_ANAPHORIC_AFTER:
+                continue  # "a restaurant that serves…", "I think that…": relative or complementiser, not a reference
+            out.append("en_dem_np" if nxt and nxt not in EN_STOP else "en_dem_bare")
+    if re.search(r"\b(one|ones)\b", low) and not re.search(r"\bone of\b", low):
+        out.append("en_one")
+    if re.search(r"\bthere\b", low) and not re.search(r"\b(is|are|was|were)\s+there\b|\bthere\s+(is|are|was|were)\b", low):
+        out.append("en_there")
+    if re.search(r"\bthe same\b", low):
+        out.append("en_same")
+    if EN_ELLIPSIS_START.search(low):
+        out.append("en_what_about")
+    if any(w in EN_OTHER for w in words):
+        out.append("en_else_other")
+    if re.search(r"\b(the|that)\s+[a-z]", text) and not _CAP_SEQ.search(text[1:]):
+        out.append("en_the_np_no_name")
+    if any(p in text for p in ZH_PERSONAL):
+        out.append("zh_personal")
+    if any(d in text for d in ZH_DEMONSTRATIVE):
+        out.append("zh_dem")
+    elif re.search(r"[这那](?![么样里儿些])", text):
+        out.append("zh_dem_bare")
+    if ZH_INITIAL.search(text):
+        out.append("zh_initial")
+    if zh and ZH_PREDICATE_ONLY.search(text):
+        out.append("zh_predicate_only")
+    if zh and ZH_NE.search(text) and len(text) <= 16:
+        out.append("zh_ne")
+    if window and _partial_name(window, text):
+        out.append("partial_name")
+    content = content_words(text)
+    q_terms = terms(text)
+    if not content:
+        out.append("no_content")
+    n = len(content) if not zh else len(content) / 2
+    out.append("content_0-2" if n <= 2 else "content_3-4" if n <= 4 else "content_5+")
+    if not q_terms:
+        out.append("no_term")
+    if not window:
+        out.append("window_empty")
+    else:
+        window_text = " ".join(t.text for t in window).lower()
+        if q_terms and any(t.lower() in window_text for t in q_terms):
+            out.append("term_in_window")
+        if q_terms and not any(t.lower() in window_text for t in q_terms):
+            out.append("term_new")
+        shared = [w for w in set(content) if len(w) > 1 and w in window_text]
+        out.append("overlap_0" if not shared else "overlap_1" if len(shared) == 1 else "overlap_2+")
+    if zh:
+        out.append("lang_zh")
+    return out
+
+
+def _partial_name(window: Sequence[Turn], text: str) -> bool:
+    """A name used in part: "Kohli" after "Virat Kohli" — a shortened mention is a reference back."""
+    q_caps = {w for w in re.findall(r"\b[A-Z][\w'’-]+", text)}
+    if not q_caps:
+        return False
+    for turn in window:
+        for m in _CAP_SEQ.finditer(turn.text):
+            parts = [p for p in re.split(r"\s+", m.group(0).strip(" .")) if p[:1].isupper()]
+            if len(parts) < 2 or m.group(0).strip(" .") in text:
+                continue
+            if any(p.rstrip("'’s") in q_caps or p in q_caps for p in parts):
+                return True
+    return False
+
+
+def antecedent(window: Sequence[Turn], question: Turn, *, person: bool = False) -> str | None:
+    """The nearest fitting antecedent: the last term of the newest window message that has one,
+    skipping terms the question already contains. ``person`` prefers capitalised names."""
+    q_low = question.text.lower()
+    for turn in reversed(window):
+        candidates = [t for t in terms(turn.text) if t.lower() not in q_low]
+        if person:
+            named = [t for t in candidates if t[:1].isupper() and not any(c.isdigit() for c in t)]
+            candidates = named or candidates
+        if candidates:
+            return candidates[-1] if not person else candidates[0]
+    return None
+
+
+_EN_SUBST = re.compile(r"\b(it|they|them|this|that|these|those|he|she|him|her|its|their|his)\b(?!\s+(?:is|are|was|were)\b\s*$)", re.I)
+
+
+def rewrite(window: Sequence[Turn], question: Turn) -> str | None:
+    """A nearest-antecedent rewrite, or None when the window offers nothing to attach."""
+    text = question.text.strip()
+    if _HAS_CJK.search(text):
+        ante = antecedent(window, question)
+        if not ante:
+            return None
+        body = ZH_INITIAL.sub("", text)
+        for pron in ZH_PERSONAL + ("这个", "那个", "这些", "那些", "上述", "该", "此"):
+            if pron in body:
+                return body.replace(pron, ante if ante.isascii() is False else f" {ante} ", 1).strip().replace("  ", " ")
+        for dem in ("这种", "那种", "这款", "那款"):
+            if dem in body:
+                return body.replace(dem, ante, 1)
+        return f"{ante} {body}" if ante.isascii() else f"{ante}{body}"
+    person = bool(re.search(r"\b(he|she|him|her|his)\b", text, re.I))
+    ante = antecedent(window, question, person=person)
+    if not ante:
+        return None
+    m = _EN_SUBST.search(text)
+    if m:
+        pron = m.group(1).lower()
+        nxt = text[m.end():].lstrip().split(" ", 1)[0].lower().strip("?.!,")
+        if pron in ("this", "that", "these", "those") and nxt and nxt not in EN_STOP:
+            return text[:m.start()] + "the " + text[m.end():].lstrip() + f" ({ante})"  # "this version" -> keep the noun
+        repl = ante + "'s" if pron in ("its", "their", "his") or (pron == "her" and nxt and nxt not in EN_STOP) else ante
+        return text[:m.start()] + repl + text[m.end():]
+    what_about = re.match(r"^\s*(?:and\s+)?(what|how)\s+about\s+(.+?)\s*\??$", text, re.I)
+    if what_about:
+        return f"What about {what_about.group(2)} for {ante}?"
+    stripped = text.rstrip("?？. ")
+    return f"{stripped} of {ante}?" if re.search(r"\bthe\s+\w+$", stripped, re.I) else f"{stripped} about {ante}?"
+
+
+@dataclass
+class RulesBackend:
+    """No LLM: the gate's classifier decides (its probability is the confidence), rules rewrite."""
+
+    name: str = "rules"
+    gate: object | None = None  # models.gate.Gate; loaded lazily so importing this module stays cheap
+
+    def _gate(self):
+        if self.gate is None:
+            from models.gate import Gate
+
+            self.gate = Gate.load()
+        return self.gate
+
+    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None):
+        from models.resolver import Resolution
+
+        gate = self._gate()
+        p = gate.probability(window, question)
+        strong = gate.strong_cue(window, question)
+        needs = strong or p >= gate.decision_threshold
+        if strong:  # an explicit anaphor: confident, but the classifier still shades the confidence
+            p = 0.75 + 0.25 * p
+        # "unknown" carries the mass of the classifier's doubt near its decision threshold.
+        doubt = 0.0 if strong else max(0.0, 0.2 - abs(p - gate.decision_threshold)) / 0.2 * 0.2
+        probs = {"needs": p * (1 - doubt), "not_needed": (1 - p) * (1 - doubt), "unknown": doubt}
+        if needs:
+            return Resolution("needs", probs, rewrite=rewrite(window, question), backend=self.name)
+        return Resolution("not_needed", probs, backend=self.name)
+
+    def observe(self, group: str, window: Sequence[Turn]) -> None:
+        """Stateless: nothing to prefill."""
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+def pronoun_baseline(question: Turn) -> bool:
+    """The plain pronoun-list rule the issue asks ``rules`` to beat: any listed pronoun in the question."""
+    text = question.text.lower()
+    if re.search(r"\b(it|its|they|them|their|this|that|these|those|he|she|him|her|his|one)\b", text):
+        return True
+    return any(p in text for p in ("它", "他", "她", "这", "那"))
