@@ -104,8 +104,29 @@ def _m4_outbox(db: sqlite_utils.Database) -> None:
         db["decisions"].add_column(column, kind)
 
 
+def _m5_label_prompts_items(db: sqlite_utils.Database) -> None:
+    # Member confirmation prompts: one per question ever (never the same message twice); limits count them.
+    db["label_prompts"].create(
+        {
+            "id": int, "platform": str, "group_id": str, "merged_id": str, "author": str,
+            "prompt_message_id": str, "reading": str, "rewrite": str, "asked_at": float,
+            "expires_at": float, "answered_at": float, "answer": str, "status": str,
+        },
+        pk="id",
+    )
+    db["label_prompts"].create_index(["merged_id"], unique=True)
+    db["label_prompts"].create_index(["platform", "group_id", "asked_at"])
+    db["label_prompts"].create_index(["platform", "author", "asked_at"])
+    db["label_prompts"].create_index(["platform", "group_id", "prompt_message_id"])
+    # Short, typeable ids for moderators ("/label 12 b"): merged rowids change on every upsert.
+    db["label_items"].create({"id": int, "merged_id": str}, pk="id")
+    db["label_items"].create_index(["merged_id"], unique=True)
+    # Which audit entries a moderator's "/label undo" reverted (and the audit entry of the revert).
+    db["label_undo"].create({"audit_id": int, "undo_audit_id": int, "at": float}, pk="audit_id")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_labels_models, _m3_model_versions_promotion,
-                                                        _m4_outbox]
+                                                        _m4_outbox, _m5_label_prompts_items]
 
 
 def connect(path: str | Path) -> sqlite_utils.Database:
