@@ -36,6 +36,11 @@ async def play(peer: OneBotPeer, lines: list[dict], *, group: int = DEMO_GROUP, 
     return ids
 
 
+async def stored(db: Path, n: int, timeout: float = 15.0) -> None:
+    """Wait (without blocking the loop, so the peer keeps answering API calls) until ``n`` messages are stored."""
+    await asyncio.to_thread(wait_for_messages, db, n, timeout)
+
+
 def wait_for_messages(db: Path, n: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -56,7 +61,7 @@ async def run_demo(workdir: Path, *, env: dict[str, str] | None = None, settle_s
         peer = OneBotPeer(bot.ws_url)
         await peer.connect()
         await play(peer, lines)
-        await asyncio.to_thread(wait_for_messages, db, len(lines))
+        await stored(db, len(lines))
         await asyncio.sleep(settle_s)  # later capabilities answer after the message is stored
         await peer.close()
     return db, peer.calls

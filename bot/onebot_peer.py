@@ -58,6 +58,7 @@ class OneBotPeer:
     _reader: asyncio.Task | None = None
     _ids: itertools.count = field(default_factory=lambda: itertools.count(900_000))
     _call_event: asyncio.Event = field(default_factory=asyncio.Event)
+    _sent: dict[int, dict] = field(default_factory=dict)  # message id -> event, to answer get_msg
 
     async def connect(self, timeout: float = 20.0) -> None:
         headers = {"X-Self-ID": self.self_id, "X-Client-Role": "Universal"}
@@ -79,6 +80,7 @@ class OneBotPeer:
     async def close(self) -> None:
         if self._reader:
             self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
         if self._ws is not None:
             await self._ws.close()
 
@@ -86,6 +88,12 @@ class OneBotPeer:
         await self._ws.send(json.dumps(payload, ensure_ascii=False))
 
     async def _read(self) -> None:
+        try:
+            await self._serve()
+        except websockets.ConnectionClosed:
+            pass  # the bot went away (shutdown): nothing left to answer
+
+    async def _serve(self) -> None:
         async for raw in self._ws:
             request = json.loads(raw)
             call = ApiCall(request.get("action", ""), request.get("params", {}))
@@ -93,6 +101,13 @@ class OneBotPeer:
             if call.action in ("send_group_msg", "send_msg", "send_private_msg"):
                 call.message_id = next(self._ids)
                 data = {"message_id": call.message_id}
+                self._sent[call.message_id] = {
+                    "time": int(time.time()), "message_id": call.message_id, "message": call.params.get("message"),
+                    "sender": {"user_id": int(self.self_id), "nickname": "bot"}}
+            elif call.action == "get_msg" and int(call.params.get("message_id", -1)) in self._sent:
+                event = self._sent[int(call.params["message_id"])]
+                data = {"time": event["time"], "message_type": "group", "message_id": event["message_id"],
+                        "real_id": event["message_id"], "sender": event["sender"], "message": event["message"]}
             elif call.action == "get_group_member_info":
                 data = {"user_id": call.params.get("user_id"), "role": "member"}
             self.calls.append(call)
@@ -107,13 +122,15 @@ class OneBotPeer:
         segments = [{"type": "text", "data": {"text": text}}] if isinstance(text, str) else list(text)
         if reply_to is not None:
             segments.insert(0, {"type": "reply", "data": {"id": str(reply_to)}})
-        await self._send({
+        event = {
             "time": int(timestamp if timestamp is not None else time.time()), "self_id": int(self.self_id),
             "post_type": "message", "message_type": "group", "sub_type": "normal", "message_id": mid,
             "group_id": int(group), "user_id": int(user), "anonymous": None, "message": segments,
             "raw_message": "", "font": 0,
             "sender": {"user_id": int(user), "nickname": nickname or f"user{user}", "card": "", "role": role},
-        })
+        }
+        self._sent[mid] = event
+        await self._send(event)
         return mid
 
     async def wait_for_calls(self, n: int, timeout: float = 10.0) -> list[ApiCall]:
