@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "bot.commands.data",  # import, build, export, stats
     "bot.commands.run",  # run, demo
     "bot.commands.bench",  # bench NAME
+    "bot.commands.train",  # train, export-gguf, scaling-check
     "bot.commands.models_cmd",  # make-model
 ]
 

@@ -1,0 +1,142 @@
+"""train, export-gguf, scaling-check: LoRA fine-tuning, export for serving, and the scaling-law check."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="LoRA fine-tune a base model on labelled examples; evaluate on the test split")
+    p.add_argument("--base", required=True, metavar="HF_DIR", help="base model folder (Hugging Face format)")
+    p.add_argument("--data", required=True, metavar="FILE", help="corefbot alpaca export (.json) or unified labelled .jsonl")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write")
+    p.add_argument("--preset", default="paper", help="paper, paper-7b, tiny, or a YAML file (default paper)")
+    p.add_argument("--select", choices=["lobass", "ifd"], help="train on the top share by a learnability score")
+    p.add_argument("--keep", type=float, default=0.3, help="share kept by --select (default 0.3)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides the preset's epochs)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", dest="learning_rate", type=float)
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--loraplus-ratio", dest="loraplus_lr_ratio", type=float, help="LoRA+: B-matrix lr multiple (e.g. 16)")
+    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=int)
+    p.add_argument("--eval-max-examples", type=int, help="cap the evaluated validation/test examples")
+    p.add_argument("--eval-base", action="store_true", default=None, help="also evaluate the base model on the test split")
+    p.add_argument("--no-rewrites", dest="eval_rewrites", action="store_false", default=None,
+                   help="skip the rewrite evaluation (decisions only)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when present)")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export-gguf", help="merge a run's adapter, convert to GGUF, quantize, check, register")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--quant", choices=["q4_k_m", "q8_0"], default="q4_k_m")
+    p.add_argument("--max-examples", type=int, default=200,
+                   help="test examples for the HF-vs-GGUF agreement check (default 200; 0 = all)")
+    p.add_argument("--keep-intermediate", action="store_true", help="keep merged/ and model-f16.gguf")
+    p.add_argument("--no-register", action="store_true", help="do not add the version to the database")
+    p.add_argument("--threads", type=int, help="llama.cpp threads")
+    p.add_argument("--note", default="", help="note stored with the registered version")
+    p.set_defaults(func=cmd_export_gguf)
+
+    p = sub.add_parser("scaling-check", help="evaluate a ladder of models: does the metric rise with size?")
+    p.add_argument("--models", nargs="+", required=True, metavar="DIR", help="HF model folders and/or finetune run folders")
+    p.add_argument("--data", required=True, metavar="FILE", help="unified labelled .jsonl or alpaca export")
+    p.add_argument("--report", metavar="OUT.json", help="write the report as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="write metric vs parameter count")
+    p.add_argument("--metric", choices=["precision", "f1", "recall"], default="precision",
+                   help="metric the verdict is about (the paper's: precision)")
+    p.add_argument("--split", choices=["all", "test"], default="all",
+                   help="all labelled examples (base ladders) or only the test split (fine-tuned models)")
+    p.add_argument("--max-examples", type=int, help="evaluate a deterministic subset of this size")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_scaling_check)
+
+
+def _pct(stat: dict) -> str:
+    mean, std = stat.get("mean"), stat.get("std")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    return f"{100 * mean:.1f}% ± {100 * std:.1f}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.finetune import load_preset, run
+
+    overrides = {k: getattr(args, k) for k in (
+        "max_steps", "epochs", "learning_rate", "lora_r", "loraplus_lr_ratio", "micro_batch_size",
+        "gradient_accumulation_steps", "eval_max_examples", "eval_base", "eval_rewrites", "device", "seed")}
+    config = load_preset(args.preset, **overrides)
+    result = run(args.base, args.data, args.out, config, select=args.select, keep=args.keep)
+    m = result.metrics
+    tr = m["train"]
+    print(f"run folder   {result.out}")
+    print(f"trained      {tr['steps']} steps, {tr['sequences']} sequences, {tr['tokens']:,} tokens in "
+          f"{tr['wall_s']:.1f} s ({tr['tokens_per_s']:,.0f} tokens/s, padding {100 * tr['padding_share']:.1f}%), "
+          f"final loss {tr['final_loss']:.3f}, peak memory {tr['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if "validation" in m:
+        print(f"validation   loss {m['validation']['loss']:.3f}, F1 {_pct(m['validation']['decision']['f1'])}")
+    d = m["test"]["decision"]
+    print(f"test         {d['examples']} examples x {d['orders']} option orders: precision {_pct(d['precision'])}, "
+          f"recall {_pct(d['recall'])}, F1 {_pct(d['f1'])}")
+    if "rewrite" in m["test"]:
+        r = m["test"]["rewrite"]
+        if r["examples"]:
+            print(f"rewrites     {r['examples']} needs cases: exact match {100 * r['exact_match']:.1f}%, "
+                  f"token F1 {100 * r['token_f1']:.1f}%")
+    if "base_test" in m:
+        b = m["base_test"]["decision"]
+        print(f"base (test)  precision {_pct(b['precision'])}, F1 {_pct(b['f1'])}")
+    if "selection" in m:
+        s = m["selection"]
+        print(f"selection    {s['method']} kept {s['kept']} of {s['candidates']}: test F1 {100 * s['selected_f1']:.1f}% "
+              f"vs {100 * s['full_f1']:.1f}% on the full split ({'helped' if s['helped'] else 'did not help'})")
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from models.serving_export import export_gguf
+
+    store = None
+    if not args.no_register:
+        from bot.commands.data import open_store
+
+        store = open_store(args)
+    try:
+        r = export_gguf(args.run_dir, args.quant, store=store, max_examples=args.max_examples or None,
+                        keep_intermediate=args.keep_intermediate, n_threads=args.threads, note=args.note,
+                        progress=True)
+    finally:
+        if store is not None:
+            store.close()
+    a = r.agreement
+    print(f"gguf         {r.gguf_path} ({r.quant}, {r.size_bytes / 1e6:.1f} MB)")
+    print(f"agreement    {100 * a.agreement:.1f}% of {a.examples} test decisions match the merged HF model "
+          f"(mean |Δp(needs)| {a.mean_abs_p_needs_diff:.3f}; serve-order F1 HF {100 * a.hf_f1:.1f}% vs GGUF {100 * a.gguf_f1:.1f}%)")
+    print("timings      " + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()))
+    if r.version_id is not None:
+        print(f"registered   model version {r.version_id} (candidate)")
+    return 0
+
+
+def cmd_scaling_check(args: argparse.Namespace) -> int:
+    from models.finetune import subset
+    from models.scaling import format_table, plot, scaling_check
+    from models.split import split_examples
+    from pipeline.examples import load_examples
+
+    examples = load_examples(args.data)
+    if args.split == "test":
+        examples = list(split_examples(examples).test)
+    examples = subset(examples, args.max_examples)
+    report = scaling_check(args.models, examples, metric=args.metric, device=args.device)
+    print(format_table(report))
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        print(f"report       {args.report}")
+    if args.plot:
+        print(f"plot         {plot(report, args.plot)}")
+    return 0
