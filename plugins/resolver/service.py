@@ -1,0 +1,427 @@
+"""The resolver service: question → decision → outbox → assistant → reply, off the event loop.
+
+One :class:`ResolverService` runs per bot process (``get_service()``). It listens to the chatlog
+recorder's updates; for a merged run that the question filter passes it:
+
+1. decides whether the bot answers it (``COREFBOT_REPLY_MODE``: ``mention`` — the bot is @-mentioned or
+   the run quotes a bot message; ``all`` — every question);
+2. resolves it on a dedicated thread (one resolution at a time; the llama-cpp backend has its own
+   bounded queue behind that) and records the decision in ``decisions``;
+3. tells resolution listeners (the labels plugin) about it;
+4. queues the resolved query in the durable outbox (per-group rate limit); a worker task asks the
+   assistant, retries with backoff, and posts the answer as a reply (quote + @asker).
+
+**Runs that grow.** A run's id is its first message's key, so a later line of the same run (same
+sender, ≤ 18 s) updates the same question. A run is queued for the assistant at most once: the first
+update that is both a question and addressed to the bot queues it (with the text so far); later lines
+are recorded but not forwarded again. A run resolved without being addressed (``mention`` mode) is not
+resolved again on later lines unless one of them addresses the bot, in which case it is resolved anew
+with the whole text and forwarded.
+
+**Failures.** A backend error or timeout forwards the question as asked (decision ``unknown``, the
+error kept in ``decisions.reject_reason``). No assistant configured: questions are still resolved and
+recorded, nothing is forwarded (logged once at start).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, TypeVar
+
+from pipeline.records import Merged, Turn, message_key
+from pipeline.window import turn
+
+from . import outbox
+from .forward import AssistantClient, AssistantError
+
+if TYPE_CHECKING:
+    from models.resolver import Resolution, Resolver
+    from pipeline.store import Store
+    from plugins.chatlog import Update
+
+log = logging.getLogger("corefbot.resolver")
+T = TypeVar("T")
+
+ReplyMode = Literal["mention", "all"]
+#: Called with every resolution the service makes (addressed to the bot or not).
+ResolutionListener = Callable[["Update", "Resolution"], Awaitable[None]]
+#: Runs ``fn(store)`` on the database's single writer and returns the result (``Recorder.call``).
+DbCall = Callable[[Callable[["Store"], Any]], Awaitable[Any]]
+#: Posts an answered outbox item into its group; returns the reply's message id.
+PostReply = Callable[[outbox.OutboxItem, str], Awaitable[str | None]]
+
+
+class BotUnavailable(Exception):
+    """No connected bot can post into the item's group yet; the reply waits (nothing was sent)."""
+
+
+@dataclass
+class RateLimiter:
+    """At most ``limit`` forwards per group in any ``period_s`` (0 disables)."""
+
+    limit: int
+    period_s: float
+    _sent: dict[tuple[str, str], deque[float]] = field(default_factory=lambda: defaultdict(deque))
+
+    def allow(self, key: tuple[str, str], now: float | None = None) -> bool:
+        if self.limit <= 0:
+            return True
+        now = time.monotonic() if now is None else now
+        sent = self._sent[key]
+        while sent and now - sent[0] >= self.period_s:
+            sent.popleft()
+        if len(sent) >= self.limit:
+            return False
+        sent.append(now)
+        return True
+
+
+@dataclass
+class ServiceOptions:
+    reply_mode: ReplyMode = "mention"
+    resolve_all: bool = True
+    window: int = 12
+    history: int = 12
+    show_query: bool = True
+    max_answer_chars: int = 3000
+    concurrency: int = 4
+    rate: RateLimiter = field(default_factory=lambda: RateLimiter(5, 60.0))
+    retry: outbox.RetryPolicy = field(default_factory=outbox.RetryPolicy)
+
+
+class ResolverService:
+    def __init__(self, resolver: "Resolver", db: DbCall, *, assistant: AssistantClient | None,
+                 post_reply: PostReply, bot_ids: Callable[[], set[str]],
+                 options: ServiceOptions | None = None, model_loader: Callable[[str], "Resolver"] | None = None) -> None:
+        self._resolver = resolver
+        self._db = db
+        self.assistant = assistant
+        self._post_reply = post_reply
+        self._bot_ids = bot_ids
+        self.options = options or ServiceOptions()
+        self._model_loader = model_loader
+        self._listeners: list[ResolutionListener] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corefbot-resolve")
+        self._in_use: dict[int, int] = defaultdict(int)  # id(resolver) -> resolutions running on it
+        self._released = asyncio.Condition()
+        self._swap_lock = asyncio.Lock()
+        self._handling: set[str] = set()  # merged ids being decided right now
+        self._tasks: set[asyncio.Task] = set()
+        self._inflight: set[int] = set()  # outbox ids being worked on
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        self._sem = asyncio.Semaphore(max(1, self.options.concurrency))
+        self._closing = False
+        self.forward_latency_ms: deque[float] = deque(maxlen=10_000)  # question stored → assistant request sent
+
+    # ---- hooks for other plugins ---------------------------------------------------------------
+
+    def add_resolution_listener(self, listener: ResolutionListener) -> None:
+        """Call ``await listener(update, resolution)`` after each question is resolved and recorded.
+
+        ``update`` is the chatlog :class:`~plugins.chatlog.Update` (``update.merged`` is the question's
+        run, ``update.window`` its context); ``resolution`` is the :class:`models.resolver.Resolution`
+        (``decision``, ``probs``, ``margin``, ``rewrite``; ``resolution.query(update.merged.text)`` is
+        what was or would be forwarded). The row is already in ``decisions`` when the listener runs.
+        Listeners run on the event loop, after the question was queued for the assistant, so a slow
+        listener never delays an answer; an exception is logged and does not affect other listeners.
+        Called for every question resolved — also those the bot does not answer (``mention`` mode) —
+        and possibly twice for one run when a later line addresses the bot (see the module docstring).
+        """
+        self._listeners.append(listener)
+
+    @property
+    def resolver(self) -> "Resolver":
+        return self._resolver
+
+    async def swap_model(self, gguf_path: str | Path) -> None:
+        """Serve ``gguf_path`` from now on, without dropping a request.
+
+        The new llama-cpp backend is loaded off the event loop while the old one keeps serving;
+        then the reference is swapped between two resolutions (requests already running finish on the
+        old model, every later one uses the new), and the old backend is closed once no resolution
+        uses it any more. On any load failure the old model keeps serving and the error is raised.
+        """
+        loader = self._model_loader or _load_llama
+        async with self._swap_lock:
+            new = await asyncio.to_thread(loader, str(gguf_path))
+            old, self._resolver = self._resolver, new
+            log.info("resolver model swapped: %s -> %s", _describe(old), _describe(new))
+            async with self._released:
+                await self._released.wait_for(lambda: self._in_use.get(id(old), 0) == 0)
+            self._in_use.pop(id(old), None)
+            await asyncio.to_thread(old.close)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        interrupted = await self._db(outbox.recover)
+        if interrupted:
+            log.warning("%d outbox item(s) were interrupted while posting their reply; marked failed, not re-sent",
+                        interrupted)
+        if self.assistant is None:
+            log.warning("COREFBOT_ASSISTANT_URL is not set: questions are resolved and recorded, nothing is forwarded")
+        self._worker = asyncio.create_task(self._run_outbox(), name="corefbot-outbox")
+
+    async def stop(self) -> None:
+        self._closing = True
+        self._wake.set()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, *self._tasks, return_exceptions=True)
+        if self.assistant is not None:
+            await self.assistant.close()
+        await asyncio.to_thread(self._executor.shutdown, True)
+        await asyncio.to_thread(self._resolver.close)
+
+    async def wait_idle(self, timeout: float = 30.0) -> None:
+        """Wait until no question is being decided and nothing in the outbox is due or in flight
+        (tests, the demo); items waiting for a later retry do not count."""
+        deadline = time.monotonic() + timeout
+        while True:
+            items, _ = await self._db(outbox.due)
+            if not self._tasks and not self._inflight and not items:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"resolver service still busy after {timeout:g} s "
+                                   f"({len(self._tasks)} tasks, {len(self._inflight)} in flight, {len(items)} due)")
+            self._wake.set()
+            await asyncio.sleep(0.02)
+
+    # ---- questions -------------------------------------------------------------------------------
+
+    async def on_update(self, update: "Update") -> None:
+        """The chatlog listener: every stored message lands here (on the event loop)."""
+        if self._closing:
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await self._handle(update)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _handle(self, update: "Update") -> None:
+        merged = update.merged
+        window = [turn(m) for m in update.window]
+        group_key = f"{merged.platform}:{merged.group}"
+        if merged.from_self or not merged.is_question or merged.id in self._handling:
+            # Keep the backend's per-group state warm for the group's next question.
+            self._observe(group_key, [*window, turn(merged)])
+            return
+        bots = self._bot_ids()
+        reply_key = message_key(merged.platform, merged.group, merged.reply_to) if merged.reply_to else None
+
+        def state(store: "Store") -> tuple[bool, bool, bool]:
+            queued = outbox.is_queued(store, merged.id)
+            decided = store.db.conn.execute("SELECT 1 FROM decisions WHERE merged_id = ?",
+                                            (merged.id,)).fetchone() is not None
+            to_bot = reply_key is not None and store.db.conn.execute(
+                "SELECT 1 FROM messages WHERE key = ? AND from_self = 1", (reply_key,)).fetchone() is not None
+            return queued, decided, to_bot
+
+        queued, decided, reply_to_bot = await self._db(state)
+        mentioned = bool(bots & set(merged.mentions))
+        addressed = self.options.reply_mode == "all" or mentioned or reply_to_bot
+        if queued or (decided and not addressed) or (not addressed and not self.options.resolve_all):
+            self._observe(group_key, [*window, turn(merged)])
+            return
+        self._handling.add(merged.id)
+        try:
+            await self._decide(update, window, group_key, addressed, bots)
+        finally:
+            self._handling.discard(merged.id)
+        self._observe(group_key, [*window, turn(merged)])
+
+    async def _decide(self, update: "Update", window: list[Turn], group_key: str, addressed: bool,
+                      bots: set[str]) -> None:
+        merged = update.merged
+        resolution = await self._resolve(window, turn(merged), group_key)
+        query = resolution.query(merged.text)
+        forward = addressed and self.assistant is not None
+        if forward and not self.options.rate.allow((merged.platform, merged.group)):
+            log.warning("rate limit: group %s already had %d questions forwarded in %g s; not forwarding %s",
+                        group_key, self.options.rate.limit, self.options.rate.period_s, merged.id)
+            forward = False
+        self_id = _pick_bot(bots, merged.mentions)
+        history = _history(update.window[-self.options.history:] if self.options.history else [])
+        reply_to = update.message.message_id if update.message.sender == merged.sender else merged.message_ids[-1]
+
+        def record(store: "Store") -> int | None:
+            _record_decision(store, merged, resolution, query if forward else None)
+            if not forward:
+                return None
+            return outbox.enqueue(store, merged_id=merged.id, platform=merged.platform, group=merged.group,
+                                  self_id=self_id, reply_to=reply_to, asker=merged.sender, question=merged.text,
+                                  query=query, history=history)
+
+        item_id = await self._db(record)
+        if item_id is not None:
+            self._wake.set()
+            log.info("question %s queued for the assistant as %r (%s, p=%.2f)", merged.id, query,
+                     resolution.decision, resolution.probs.get(resolution.decision, 0.0))
+        for listener in list(self._listeners):
+            try:
+                await listener(update, resolution)
+            except Exception:  # noqa: BLE001 - one listener's bug must not stop the others
+                log.exception("resolution listener %r failed on %s", listener, merged.id)
+
+    async def _resolve(self, window: list[Turn], question: Turn, group_key: str) -> "Resolution":
+        resolver = self._resolver  # pinned: a swap meanwhile lets this request finish on the old model
+        self._in_use[id(resolver)] += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._executor, lambda: resolver.resolve(window, question, group=group_key))
+        except Exception as exc:  # noqa: BLE001 - a failing model must not lose the question
+            from models.resolver import Resolution
+
+            log.error("resolver %s failed on a question of %s (%s); forwarding it as asked",
+                      resolver.name, group_key, exc)
+            return Resolution("unknown", {"needs": 0.0, "not_needed": 0.0, "unknown": 1.0},
+                              backend=f"{resolver.name}:error", reject_reason=f"backend error: {exc}")
+        finally:
+            async with self._released:
+                self._in_use[id(resolver)] -= 1
+                self._released.notify_all()
+
+    def _observe(self, group_key: str, turns: list[Turn]) -> None:
+        if self._closing:
+            return
+        resolver = self._resolver
+        turns = turns[-self.options.window:]
+
+        def run() -> None:
+            try:
+                resolver.observe(group_key, turns)
+            except Exception as exc:  # noqa: BLE001 - a prefill is an optimisation; never fatal
+                log.debug("observe failed for %s: %s", group_key, exc)
+
+        if resolver.name == "rules":
+            return  # nothing to prefill
+        try:
+            self._executor.submit(run)
+        except RuntimeError:
+            pass  # executor shut down
+
+    # ---- the outbox worker -----------------------------------------------------------------------
+
+    async def _run_outbox(self) -> None:
+        while not self._closing:
+            try:
+                await self._db(lambda s: outbox.expire_old(s, self.options.retry.max_age_s))
+                items, later = await self._db(outbox.due)
+            except Exception:  # noqa: BLE001 - database trouble: log and try again shortly
+                log.exception("outbox: could not read due items")
+                items, later = [], time.time() + 5
+            for item in items:
+                if item.id in self._inflight:
+                    continue
+                self._inflight.add(item.id)
+                task = asyncio.create_task(self._work(item))
+                task.add_done_callback(lambda t, i=item.id: self._inflight.discard(i))
+            wait = 5.0 if later is None else min(max(later - time.time(), 0.01), 5.0)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _work(self, item: outbox.OutboxItem) -> None:
+        try:
+            if item.status == "pending":
+                if self.assistant is None:
+                    return  # queued by an earlier run with an assistant; waits until one is configured
+                async with self._sem:
+                    started = time.time()
+                    if item.attempts == 0:
+                        self.forward_latency_ms.append((started - item.created_at) * 1000)
+                    try:
+                        answer = await self.assistant.ask(item.query, group=f"{item.platform}:{item.group}",
+                                                          history=item.history, request_id=item.merged_id)
+                    except AssistantError as exc:
+                        status = await self._db(lambda s: outbox.record_failure(
+                            s, item.id, str(exc), retryable=exc.retryable, policy=self.options.retry))
+                        log.warning("outbox %d (%s): %s -> %s (attempt %d)", item.id, item.merged_id, exc, status,
+                                    item.attempts + 1)
+                        return
+                if not await self._db(lambda s: outbox.record_answer(s, item.id, answer)):
+                    return
+            else:
+                answer = item.answer or ""
+            await self._reply(item, answer)
+        finally:
+            self._wake.set()
+
+    async def _reply(self, item: outbox.OutboxItem, answer: str) -> None:
+        if not await self._db(lambda s: outbox.claim_reply(s, item.id)):
+            return
+        text = answer
+        if self.options.show_query and item.query.strip() != item.question.strip():
+            text = f"「{item.query}」\n{answer}"
+        if len(text) > self.options.max_answer_chars:
+            text = text[: self.options.max_answer_chars - 1] + "…"
+        try:
+            message_id = await self._post_reply(item, text)
+        except BotUnavailable as exc:
+            retry_at = time.time() + self.options.retry.base_s
+            await self._db(lambda s: outbox.release_reply(s, item.id, retry_at, str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - the chat app refused or the link broke mid-send
+            log.error("outbox %d: posting the reply into %s failed (%r); not retried so it is never posted twice",
+                      item.id, item.group, exc)
+            await self._db(lambda s: outbox.record_reply_failed(s, item.id, f"reply failed: {exc!r}"))
+            return
+        await self._db(lambda s: outbox.record_delivered(s, item.id, message_id))
+        log.info("outbox %d: answer posted in %s:%s", item.id, item.platform, item.group)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _record_decision(store: "Store", merged: Merged, res: "Resolution", forwarded: str | None) -> None:
+    with store.db.conn:
+        store.db.conn.execute(
+            "INSERT OR REPLACE INTO decisions (merged_id, backend, decision, p_needs, p_not_needed, p_unknown, "
+            "margin, rewrite, forwarded, at, question, gated, rejected_rewrite, reject_reason, latency_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (merged.id, res.backend, res.decision, res.probs.get("needs"), res.probs.get("not_needed"),
+             res.probs.get("unknown"), res.margin, res.rewrite, forwarded, time.time(), merged.text, int(res.gated),
+             res.rejected_rewrite, res.reject_reason, res.latency_ms),
+        )
+
+
+def _history(window: list[Merged]) -> list[dict]:
+    """The window for the json API, senders renamed A, B, C… as in the prompt (no member ids leave)."""
+    names: dict[str, str] = {}
+    out = []
+    for m in window:
+        name = names.setdefault(m.sender, "bot" if m.from_self else chr(ord("A") + len(names) % 26))
+        out.append({"sender": name, "text": m.text, "timestamp": m.timestamp})
+    return out
+
+
+def _pick_bot(bots: set[str], mentions: tuple[str, ...]) -> str:
+    for mention in mentions:
+        if mention in bots:
+            return mention
+    return min(bots) if bots else ""
+
+
+def _describe(resolver: "Resolver") -> str:
+    path = getattr(resolver.backend, "model_path", None)
+    return f"{resolver.name}({path})" if path else resolver.name
+
+
+def _load_llama(path: str) -> "Resolver":
+    from models.resolver import load_resolver
+
+    return load_resolver("llama-cpp", model_path=path, fallback=False)
