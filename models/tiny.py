@@ -13,7 +13,7 @@ from typing import Iterable, Literal
 
 log = logging.getLogger(__name__)
 
-Shape = Literal["tiny", "qwen2.5-0.5b"]
+Shape = Literal["tiny", "qwen2.5-0.5b", "small"]
 
 # Qwen2's pre-tokenizer split, so llama.cpp can treat the tokenizer as "qwen2".
 QWEN2_SPLIT = (
@@ -43,6 +43,8 @@ SHAPES: dict[str, ModelShape] = {
     # hidden 256: Q4_K needs rows that are multiples of 256, so tests exercise real Q4_K blocks.
     "tiny": ModelShape(256, 512, 2, 4, 2, None, 2048, 4096),
     "qwen2.5-0.5b": ModelShape(896, 4864, 24, 14, 2, 151_936, 8192, 32_768),
+    # ~13M parameters: big enough for training benchmarks and a two-rung scaling ladder with "tiny".
+    "small": ModelShape(512, 1536, 4, 8, 2, None, 4096, 4096),
 }
 
 
