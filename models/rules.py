@@ -40,7 +40,7 @@ _THAT_ANAPHORIC_AFTER = frozenset("about is was for of with on in do does did li
                                   "and or but so if what how when why where about is's".split())
 #: Cues that alone send a question to the model (the gate's rule half): explicit anaphors and the
 #: clearest ellipsis patterns. A learned weight can be wrong on text unlike its training data; these are not.
-STRONG_CUES = frozenset({"en_personal", "en_dem_bare", "en_dem_np", "en_else_other", "en_what_about", "en_same",
+STRONG_CUES = frozenset({"en_continuation", "en_personal", "en_dem_bare", "en_dem_np", "en_else_other", "en_what_about", "en_same",
                          "zh_personal", "zh_dem", "zh_initial", "zh_predicate_only", "zh_ne", "no_content"})
 EN_ELLIPSIS_START = re.compile(r"^\s*(and\s+|so\s+|but\s+|then\s+)?(what|how)\s+about\b|^\s*(and|also|so)\b[^?]{0,25}\?", re.I)
 
@@ -153,6 +153,13 @@ def cues(window: Sequence[Turn], question: Turn) -> list[str]:
         out.append("zh_ne")
     if window and _partial_name(window, text):
         out.append("partial_name")
+    if window and _full_name(window, text):
+        out.append("full_name")
+    the_type = _THE_TYPE.search(text)
+    if the_type and not re.match(r"\s+(of|called|named)\s+[A-Z]|\s+[A-Z]", text[the_type.end():]):
+        out.append("en_the_type")
+    if _CONTINUATION.search(low):
+        out.append("en_continuation")
     content = content_words(text)
     q_terms = terms(text)
     if not content:
@@ -174,6 +181,29 @@ def cues(window: Sequence[Turn], question: Turn) -> list[str]:
     if zh:
         out.append("lang_zh")
     return out
+
+
+_THE_TYPE = re.compile(
+    r"\b(the|that|this)\s+(team|band|group|album|song|single|record|show|series|season|film|movie|book|novel|play|"
+    r"musical|game|console|company|firm|party|club|league|tour|article|project|paper|model|library|repo|repository|"
+    r"version|release|dataset|script|server|program|war|battle|case|trial|incident|event|award|prize|role|character|"
+    r"label|product|device|card|chip|board|course|school|university|city|country|author|director|founder|person|man|woman)s?\b",
+    re.I)
+_CONTINUATION = re.compile(
+    r"\bwhat (happened|did \w+ do) (next|then|after|later|afterwards?)\b|^\s*what happened\s*[?.]?\s*$|\bafter (that|this)\b|"
+    r"\b(any|anything|something) (else|more)\b|\bany other\b|\b(afterwards?|later on|as a result|the next year|by then)\b")
+
+
+def _full_name(window: Sequence[Turn], text: str) -> bool:
+    """The question names a window entity in full ("Where was Linus Torvalds born?" after "Linus Torvalds")."""
+    for turn in window:
+        for m in _CAP_SEQ.finditer(turn.text):
+            name = m.group(0).strip(" .")
+            if name.lower() in EN_STOP:
+                continue
+            if (len(name.split()) >= 2 or m.start() == 0) and len(name) >= 3 and re.search(rf"\b{re.escape(name)}\b", text):
+                return True
+    return False
 
 
 def _partial_name(window: Sequence[Turn], text: str) -> bool:
