@@ -55,6 +55,8 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._gap_s = gap_s
         self.store: Store | None = None  # owned by the writer thread once started
+        # The writer thread's concat state; only touch it in call(), e.g. to drop a forgotten member's open run.
+        self.merger: Merger | None = None
         self.handler_ms: deque[float] = deque(maxlen=100_000)  # capture-side cost, for benchmarks
         self.dropped = 0
 
@@ -104,7 +106,7 @@ class Recorder:
         except Exception as exc:  # noqa: BLE001 - reported to start() with the path
             ready.set_exception(RuntimeError(f"cannot open the corefbot database {self.db_path}: {exc}"))
             return
-        merger = Merger(self._gap_s, load_open=self.store.last_merged)
+        merger = self.merger = Merger(self._gap_s, load_open=self.store.last_merged)
         ready.set_result(None)
         while True:
             item = self._queue.get()
