@@ -47,9 +47,11 @@ class BotProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the bot exited with {self.proc.returncode}; log: {self.log_path}\n"
                                    + self.log_path.read_text()[-3000:])
-            if "Application startup complete" in self.log_path.read_text():
+            try:  # ready when the websocket server accepts connections (whatever the log level)
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return self
-            time.sleep(0.1)
+            except OSError:
+                time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"the bot did not start within {timeout:.0f}s; log: {self.log_path}")
 

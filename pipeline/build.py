@@ -5,7 +5,7 @@ message's key, so labels and decisions attached to it survive a rebuild.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pipeline.merge import DEFAULT_GAP_S, merge_all
 from pipeline.question import QuestionFilter
@@ -21,9 +21,10 @@ class BuildStats:
 
 
 def score_run(run: Merged, question_filter: QuestionFilter) -> Merged:
-    """The run with its question score; the bot's own messages are never questions."""
-    score = 0.0 if run.from_self else question_filter.score(run.text)
-    return replace(run, question_score=score, is_question=question_filter.passes(score))
+    """Set the run's question score (in place); the bot's own messages are never questions."""
+    run.question_score = 0.0 if run.from_self else question_filter.score(run.text)
+    run.is_question = question_filter.passes(run.question_score)
+    return run
 
 
 def build(store: Store, *, gap_s: float = DEFAULT_GAP_S, question_filter: QuestionFilter = QuestionFilter(),

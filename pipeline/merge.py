@@ -10,7 +10,6 @@ The same :class:`Merger` runs live (one message at a time, as the bot receives t
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Iterable, Iterator
 
 from pipeline.records import Merged, Message
@@ -38,12 +37,13 @@ def start_run(message: Message) -> Merged:
 
 
 def extend_run(run: Merged, message: Message) -> Merged:
-    mentions = run.mentions + tuple(m for m in message.mentions if m not in run.mentions)
-    return replace(
-        run, text=f"{run.text}\n{message.text}", end_timestamp=message.timestamp,
-        message_ids=[*run.message_ids, message.key], mentions=mentions,
-        sender_name=message.sender_name or run.sender_name,
-    )
+    """Append ``message`` to the open run, in place (a run grows; nothing else holds it)."""
+    run.text = f"{run.text}\n{message.text}"
+    run.end_timestamp = message.timestamp
+    run.message_ids.append(message.key)
+    run.mentions += tuple(m for m in message.mentions if m not in run.mentions)
+    run.sender_name = message.sender_name or run.sender_name
+    return run
 
 
 class Merger:
