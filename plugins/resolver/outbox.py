@@ -131,10 +131,13 @@ def record_failure(store: Store, item_id: int, error: str, *, retryable: bool, p
         return "failed"  # expired or handled meanwhile; nothing to schedule
     attempts = (row[0] or 0) + 1
     next_at = now + policy.delay(attempts)
-    if not retryable or attempts >= policy.max_attempts:
+    if not retryable:
         status: Status = "failed"
+    elif attempts >= policy.max_attempts:
+        status, error = "failed", f"gave up after {attempts} attempts; last error: {error}"
     elif next_at - row[1] > policy.max_age_s:
-        status = "expired"  # the next try would come after the item's deadline
+        # The next try would come after the item's deadline.
+        status, error = "expired", f"expired: undelivered within {policy.max_age_s:g} s; last error: {error}"
     else:
         status = "pending"
     with store.db.conn:
