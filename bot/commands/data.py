@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -10,7 +11,7 @@ from bot.settings import default_db_path
 from pipeline.build import build
 from pipeline.export import iter_records, write_alpaca, write_records
 from pipeline.importer import import_jsonl
-from pipeline.question import QuestionFilter
+from pipeline.question import OpenAIScorer, QuestionFilter
 from pipeline.store import Store
 from pipeline.window import DEFAULT_WINDOW
 
@@ -32,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gap", type=float, default=18.0, help="concat gap in seconds (default 18)")
     p.add_argument("--threshold", type=float, default=5.0, help="question score threshold 0–10 (default 5)")
     p.add_argument("--min-chars", type=int, default=7, help="shorter texts are not questions (default 7)")
+    p.add_argument("--llm-url", metavar="URL", help="second stage: re-score rule candidates with the paper's 0–10 "
+                   "prompt on this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1)")
+    p.add_argument("--llm-model", default="default", help="model name for --llm-url")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("export", help="write the paper's records (JSONL) or alpaca training data (JSON)")
@@ -67,8 +71,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     store = open_store(args)
     start = time.perf_counter()
+    scorer = OpenAIScorer(args.llm_url, args.llm_model, os.environ.get("COREFBOT_LLM_KEY")) if args.llm_url else None
     stats = build(store, gap_s=args.gap, question_filter=QuestionFilter(args.threshold, args.min_chars),
-                  progress=sys.stderr.isatty())
+                  scorer=scorer, progress=sys.stderr.isatty())
     print(f"{stats.messages} messages → {stats.merged} merged → {stats.questions} questions "
           f"in {time.perf_counter() - start:.2f}s")
     return 0
