@@ -1,0 +1,44 @@
+"""``corefbot eval``: decision/rewrite/gate/latency figures of a resolver backend on labelled data."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a resolver backend on labelled data (unified JSONL or alpaca export)")
+    p.add_argument("data", metavar="DATA.jsonl", help="unified-format JSONL (../shared/data) or a corefbot alpaca export")
+    p.add_argument("--backend", default="rules", choices=["rules", "gate", "pronoun", "llama-cpp", "http"],
+                   help="what to evaluate: a served backend, the gate alone, or the pronoun-list baseline (default rules)")
+    p.add_argument("--model", metavar="PATH", default=os.environ.get("COREFBOT_MODEL_PATH"),
+                   help="GGUF for --backend llama-cpp (default COREFBOT_MODEL_PATH)")
+    p.add_argument("--url", default=os.environ.get("COREFBOT_RESOLVER_URL"),
+                   help="OpenAI-compatible base URL for --backend http (default COREFBOT_RESOLVER_URL)")
+    p.add_argument("--http-model", default="default", help="model name sent to the http backend")
+    p.add_argument("--api-key", default=os.environ.get("COREFBOT_RESOLVER_API_KEY"), help="bearer key for the http backend")
+    p.add_argument("--split", help="only rows of this split (e.g. dev, test)")
+    p.add_argument("--limit", type=int, help="only the first N rows (after --split)")
+    p.add_argument("--no-gate", action="store_true", help="llama-cpp/http: send every question to the model")
+    p.add_argument("--threads", type=int, help="llama.cpp threads")
+    p.add_argument("--report", metavar="OUT.json", help="write the full report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.eval_resolver import evaluate, load_for_eval, summary_lines
+
+    examples = load_for_eval(args.data, args.split)
+    if args.limit:
+        examples = examples[: args.limit]
+    report = evaluate(examples, args.backend, gate=not args.no_gate, model_path=args.model, url=args.url,
+                      http_model=args.http_model, api_key=args.api_key, n_threads=args.threads)
+    report["data"] = str(args.data)
+    report["split"] = args.split
+    for line in summary_lines(report):
+        print(line)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"report written to {args.report}")
+    return 0

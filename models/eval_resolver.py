@@ -1,0 +1,189 @@
+"""``corefbot eval``: measure a resolver backend on labelled examples.
+
+Backends evaluated:
+- ``rules``, ``llama-cpp``, ``http``: what is served — :func:`models.resolver.load_resolver` (gate in
+  front of the model backends, rewrite validation behind every backend);
+- ``gate``: the gate alone as the decision ("needs" = sent to the model), the recall/skip trade-off;
+- ``pronoun``: the plain pronoun-list baseline (it/they/this/that…; 它/他/这/那…) that ``rules`` must beat.
+
+Figures (fractions 0–1): decision precision/recall/F1 (positive = needs resolution, as in the paper),
+Matthews correlation, the confusion matrix; rewrite exact match and token F1 of the forwarded text
+against the gold rewrite over the gold-needs rows (characters for Chinese; a question forwarded as
+asked scores what it shares with the gold); the gate's recall, skip rate and specificity; latency
+p50/p95 per question, gate included.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pipeline.metrics import Confusion, exact_match, percentile, token_f1
+from pipeline.records import Decision, Example
+
+log = logging.getLogger(__name__)
+
+EvalBackend = Literal["rules", "gate", "pronoun", "llama-cpp", "http"]
+EVAL_BACKENDS: tuple[EvalBackend, ...] = ("rules", "gate", "pronoun", "llama-cpp", "http")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one backend made of one example."""
+
+    decision: Decision
+    forwarded: str  # the text that would be sent to the assistant
+    sent_to_model: bool  # the gate's answer
+    latency_ms: float
+    rejected: bool = False  # a rewrite failed validation
+    error: str | None = None
+
+
+def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: str | None, http_model: str,
+               api_key: str | None, n_threads: int | None):
+    """A function example -> Outcome, and a closer."""
+    from models.gate import Gate
+
+    gate_obj = Gate.load()
+    if name == "pronoun":
+        from models.rules import pronoun_baseline
+
+        def predict(e: Example) -> Outcome:
+            start = time.perf_counter()
+            needs = pronoun_baseline(e.question)
+            sent = gate_obj.needs_model(e.window, e.question)
+            return Outcome("needs" if needs else "not_needed", e.question.text, sent,
+                           (time.perf_counter() - start) * 1000)
+        return predict, lambda: None
+    if name == "gate":
+        def predict(e: Example) -> Outcome:
+            start = time.perf_counter()
+            sent = gate_obj.needs_model(e.window, e.question)
+            return Outcome("needs" if sent else "not_needed", e.question.text, sent,
+                           (time.perf_counter() - start) * 1000)
+        return predict, lambda: None
+
+    from models.resolver import load_resolver
+
+    kwargs: dict[str, Any] = {}
+    if name == "llama-cpp":
+        kwargs = {"model_path": model_path, "n_threads": n_threads}
+    elif name == "http":
+        kwargs = {"url": url, "http_model": http_model, "api_key": api_key}
+    resolver = load_resolver(name, gate=gate, **kwargs)
+
+    def predict(e: Example) -> Outcome:
+        start = time.perf_counter()
+        try:
+            res = resolver.resolve(e.window, e.question, group=e.conversation)
+        except Exception as exc:  # noqa: BLE001 - a timeout or a server error counts as "unknown", and is reported
+            log.warning("%s: %s failed: %s", e.id, name, exc)
+            return Outcome("unknown", e.question.text, True, (time.perf_counter() - start) * 1000, error=str(exc))
+        sent = not res.gated if resolver.gate is not None else gate_obj.needs_model(e.window, e.question)
+        return Outcome(res.decision, res.query(e.question.text), sent, (time.perf_counter() - start) * 1000,
+                       rejected=res.rejected_rewrite is not None)
+    return predict, resolver.close
+
+
+def score(examples: Sequence[Example], outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """The report's figures for paired examples and outcomes."""
+    gold = [e.label == "needs" for e in examples]
+    conf = Confusion.of(gold, [o.decision == "needs" for o in outcomes])
+    decision = {**conf.report(), "unknown": sum(o.decision == "unknown" for o in outcomes)}
+
+    needs = [(e, o) for e, o in zip(examples, outcomes) if e.label == "needs" and e.rewrite]
+    rewrite = {
+        "n": len(needs),
+        "exact_match": statistics.fmean(exact_match(o.forwarded, e.rewrite or "") for e, o in needs) if needs else 0.0,
+        "token_f1": statistics.fmean(token_f1(o.forwarded, e.rewrite or "") for e, o in needs) if needs else 0.0,
+        "changed": statistics.fmean(o.forwarded != e.question.text for e, o in needs) if needs else 0.0,
+        "as_asked_token_f1": statistics.fmean(token_f1(e.question.text, e.rewrite or "") for e, _ in needs) if needs else 0.0,
+        "rejected": sum(o.rejected for o in outcomes),
+    }
+    gate_conf = Confusion.of(gold, [o.sent_to_model for o in outcomes])
+    gate = {"recall": gate_conf.recall, "specificity": gate_conf.specificity,
+            "skip_rate": _div(sum(not o.sent_to_model for o in outcomes), len(outcomes)),
+            "sent_rate": _div(sum(o.sent_to_model for o in outcomes), len(outcomes)),
+            "tp": gate_conf.tp, "fp": gate_conf.fp, "fn": gate_conf.fn, "tn": gate_conf.tn}
+    lat = [o.latency_ms for o in outcomes]
+    latency = {"p50": percentile(lat, 50), "p95": percentile(lat, 95), "mean": statistics.fmean(lat) if lat else 0.0}
+
+    by_lang: dict[str, dict[str, float]] = {}
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(examples):
+        groups[e.lang or "?"].append(i)
+    if len(groups) > 1:
+        for lang, idx in sorted(groups.items()):
+            c = Confusion.of([gold[i] for i in idx], [outcomes[i].decision == "needs" for i in idx])
+            g = Confusion.of([gold[i] for i in idx], [outcomes[i].sent_to_model for i in idx])
+            by_lang[lang] = {"n": len(idx), "f1": c.f1, "mcc": c.mcc, "gate_recall": g.recall,
+                             "gate_specificity": g.specificity}
+    return {"n": len(examples), "decision": decision, "rewrite": rewrite, "gate": gate, "latency_ms": latency,
+            "errors": sum(o.error is not None for o in outcomes), "by_lang": by_lang}
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = True, model_path: str | None = None,
+             url: str | None = None, http_model: str = "default", api_key: str | None = None,
+             n_threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run ``backend`` over ``examples`` and return the report (see the module docstring)."""
+    if backend not in EVAL_BACKENDS:
+        raise ValueError(f"unknown eval backend {backend!r}; choose one of {', '.join(EVAL_BACKENDS)}")
+    if not examples:
+        raise ValueError("no examples to evaluate (check the file and --split)")
+    from tqdm import tqdm
+
+    predict, close = _predictor(backend, gate=gate, model_path=model_path, url=url, http_model=http_model,
+                                api_key=api_key, n_threads=n_threads)
+    try:
+        outcomes = [predict(e) for e in tqdm(examples, desc=f"eval {backend}", unit="q", disable=not progress)]
+    finally:
+        close()
+    report = score(examples, outcomes)
+    report["backend"] = backend
+    report["labels"] = dict(Counter(e.label for e in examples))
+    return report
+
+
+def load_for_eval(path: str | Path, split: str | None = None) -> list[Example]:
+    """Unified JSONL or a corefbot alpaca export; ``split`` keeps rows of that split only."""
+    from pipeline.examples import load_examples
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation data not found: {path}")
+    examples = load_examples(path)
+    if split is not None:
+        kept = [e for e in examples if e.split == split]
+        if not kept:
+            splits = sorted({str(e.split) for e in examples})
+            raise ValueError(f"{path}: no rows with split {split!r} (splits present: {', '.join(splits)})")
+        examples = kept
+    return examples
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    d, r, g, lat = report["decision"], report["rewrite"], report["gate"], report["latency_ms"]
+    lines = [
+        f"backend {report['backend']}  n {report['n']}  labels {report.get('labels', {})}",
+        f"decision  P {d['precision']:.3f}  R {d['recall']:.3f}  F1 {d['f1']:.3f}  MCC {d['mcc']:.3f}  "
+        f"tp {d['tp']} fp {d['fp']} fn {d['fn']} tn {d['tn']}  unknown {d['unknown']}",
+        f"rewrite   EM {r['exact_match']:.3f}  token F1 {r['token_f1']:.3f}  (as asked {r['as_asked_token_f1']:.3f}, "
+        f"changed {r['changed']:.3f}, rejected {r['rejected']}, n {r['n']})",
+        f"gate      recall {g['recall']:.3f}  specificity {g['specificity']:.3f}  skip rate {g['skip_rate']:.3f}  "
+        f"sent to model {g['sent_rate']:.3f}",
+        f"latency   p50 {lat['p50']:.2f} ms  p95 {lat['p95']:.2f} ms",
+    ]
+    for lang, m in report.get("by_lang", {}).items():
+        lines.append(f"  {lang}: n {m['n']}  F1 {m['f1']:.3f}  MCC {m['mcc']:.3f}  gate recall {m['gate_recall']:.3f}  "
+                     f"specificity {m['gate_specificity']:.3f}")
+    if report.get("errors"):
+        lines.append(f"errors    {report['errors']} questions failed (counted as 'unknown')")
+    return lines
