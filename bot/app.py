@@ -11,6 +11,7 @@ from typing import Any
 PLUGINS = [
     "plugins.chatlog",
     "plugins.resolver",
+    "plugins.labels",
 ]
 DEFAULTS: dict[str, Any] = {"driver": "~fastapi+~aiohttp", "host": "127.0.0.1", "port": 8080}
 

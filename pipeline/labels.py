@@ -482,3 +482,34 @@ def forget_member(store: Store, platform: str, sender: str) -> Forgotten:
         conn.executemany("DELETE FROM messages WHERE key = ?", [(k,) for k in bot_keys])
     messages = store.forget_member(platform, sender)
     return Forgotten(messages, len(bot_keys), rows)
+
+
+# ---- label traffic out of the chat log ----------------------------------------------------------
+
+def purge_messages(store: Store, keys: Iterable[str]) -> set[tuple[str, str]]:
+    """Take label traffic (commands, 1/2/3 answers, the bot's prompts and item displays) out of the chat log:
+    it is about the data, not part of the conversation, and an item display repeats other members' words.
+    A merged run that held such a message is rebuilt from its remaining messages (or deleted when none
+    remain). Returns the (platform, group) pairs touched, whose open run the live merger must reload."""
+    conn = store.db.conn
+    touched: set[tuple[str, str]] = set()
+    with conn:
+        for key in keys:
+            row = conn.execute("SELECT platform, group_id FROM messages WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                continue
+            platform, group = row
+            touched.add((platform, group))
+            conn.execute("DELETE FROM messages WHERE key = ?", (key,))
+            runs = conn.execute("SELECT id, message_ids FROM merged WHERE platform = ? AND group_id = ? "
+                                "AND message_ids LIKE ?", (platform, group, f'%{json.dumps(key)}%')).fetchall()
+            for run_id, ids_json in runs:
+                ids = [k for k in json.loads(ids_json) if k != key]
+                rest = [conn.execute("SELECT text, timestamp FROM messages WHERE key = ?", (k,)).fetchone() for k in ids]
+                rest = [r for r in rest if r is not None]
+                if not rest:
+                    conn.execute("DELETE FROM merged WHERE id = ?", (run_id,))
+                    continue
+                conn.execute("UPDATE merged SET text = ?, timestamp = ?, end_timestamp = ?, message_ids = ? WHERE id = ?",
+                             ("\n".join(r[0] for r in rest), rest[0][1], rest[-1][1], json.dumps(ids), run_id))
+    return touched
