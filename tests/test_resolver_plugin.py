@@ -4,6 +4,7 @@ loopback assistant, and answered with ``send_group_msg`` (quote + @asker). Reply
 the rate limit, start-up fallback from a bad model, and the resolution hook."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import time
@@ -14,6 +15,7 @@ from nonebot.adapters.onebot.v11 import Message, MessageSegment
 from nonebug import App
 
 from bot.echo_assistant import EchoAssistant
+from pipeline.records import Turn
 from tests.onebot_events import group_message, make_bot, reply_to
 
 BOT = 10000
@@ -231,3 +233,68 @@ def test_missing_or_corrupt_model_falls_back_to_rules(tmp_path: Path, content: b
     resolver = load_configured_resolver(cfg)
     assert resolver.name == "rules" and str(path) in (resolver.fallback_reason or "")
     assert any(str(path) in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+@pytest.mark.slow
+async def test_swap_model_under_load_keeps_every_request_and_closes_the_old_model(tmp_path: Path,
+                                                                                  tiny_gguf: Path) -> None:
+    from models.resolver import load_resolver
+    from pipeline.question import QuestionFilter
+    from pipeline.records import Message
+    from plugins.chatlog.recorder import Recorder
+    from plugins.resolver.service import ResolverService, ServiceOptions
+
+    first, second = tiny_gguf, tiny_gguf.parent / "tiny-q8_0.gguf"
+    recorder = Recorder(tmp_path / "swap.db", question_filter=QuestionFilter())
+    recorder.start()
+
+    async def no_post(item, text):  # no assistant configured: nothing is ever posted
+        raise AssertionError("nothing should be posted")
+
+    service = ResolverService(load_resolver("llama-cpp", model_path=str(first), n_threads=2), recorder.call,
+                              assistant=None, post_reply=no_post, bot_ids=lambda: {str(BOT)},
+                              options=ServiceOptions(reply_mode="all"))
+    await service.start()
+    recorder.add_listener(service.on_update)
+    heard: list[str] = []
+
+    async def listener(update, resolution) -> None:
+        heard.append(resolution.backend)
+
+    service.add_resolution_listener(listener)
+    old = service.resolver
+    now = time.time() - 500
+
+    def ask(i: int) -> None:
+        recorder.submit(Message("onebotv11", "7", str(i), str(30000 + i), now + 30 * i,
+                                f"BTW, how to deploy it on TX{i}? 它支持吗"))
+
+    try:
+        for i in range(6):
+            ask(i)
+        await recorder.flush()
+        await asyncio.sleep(0.05)  # let the first resolutions start on the old model
+        assert service._in_use[id(old)] > 0  # the swap below really happens under load
+        await service.swap_model(second)  # returns once the old model has finished and is closed
+        assert service.resolver is not old and str(service.resolver.backend.model_path) == str(second)
+        with pytest.raises(RuntimeError, match="closed"):
+            old.backend.resolve([], Turn("a", "how to deploy it?", 0.0))
+        for i in range(6, 9):
+            ask(i)
+        await recorder.flush()
+        await service.wait_idle(60)
+        # A broken model is refused and the serving one stays.
+        broken = tmp_path / "broken.gguf"
+        broken.write_bytes(b"GGUF" + b"\x00" * 64)
+        serving = service.resolver
+        with pytest.raises(ValueError, match="broken.gguf"):
+            await service.swap_model(broken)
+        assert service.resolver is serving
+        ask(9)
+        await recorder.flush()
+        await service.wait_idle(60)
+    finally:
+        await service.stop()
+        recorder.stop()
+    assert heard == ["llama-cpp"] * 10  # every question resolved by a model, none failed on a closed one
+
