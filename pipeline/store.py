@@ -125,8 +125,22 @@ def _m5_label_prompts_items(db: sqlite_utils.Database) -> None:
     db["label_undo"].create({"audit_id": int, "undo_audit_id": int, "at": float}, pk="audit_id")
 
 
+def _m6_nightly_runs(db: sqlite_utils.Database) -> None:
+    # One row per nightly retraining run (models/nightly.py): outcome, F1 before/after, summary. label_cutoff
+    # is the newest label time the run trained on: "new labels" for the next run are those after it.
+    db["nightly_runs"].create(
+        {
+            "id": int, "started_at": float, "finished_at": float, "status": str, "trigger": str, "pid": int,
+            "run_dir": str, "labels": int, "new_labels": int, "label_cutoff": float, "f1_before": float,
+            "f1_after": float, "baseline": str, "version_id": int, "reason": str, "summary": str, "report": str,
+        },
+        pk="id",
+    )
+    db["nightly_runs"].create_index(["status"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_labels_models, _m3_model_versions_promotion,
-                                                        _m4_outbox, _m5_label_prompts_items]
+                                                        _m4_outbox, _m5_label_prompts_items, _m6_nightly_runs]
 
 
 def connect(path: str | Path) -> sqlite_utils.Database:
