@@ -47,7 +47,7 @@ EN_ELLIPSIS_START = re.compile(r"^\s*(and\s+|so\s+|but\s+|then\s+)?(what|how)\s+
 ZH_PERSONAL = ("它们", "他们", "她们", "它", "他", "她")
 ZH_DEMONSTRATIVE = ("这个", "那个", "这些", "那些", "这种", "那种", "这款", "那款", "这俩", "那俩", "这两", "那两",
                     "上述", "前者", "后者", "该", "此", "其")
-ZH_INITIAL = re.compile(r"^\s*(那么|那|所以|然后|还有|另外|顺便问下?|顺便)[，,\s]?")
+ZH_INITIAL = re.compile(r"^\s*(那么|那(?![个些种款边里样时])|所以|然后|还有|另外|顺便问下?|顺便)[，,\s]?")
 # Ellipsis: a question made only of a predicate (why/how/how much…), or a bare "X 呢？".
 ZH_PREDICATE_ONLY = re.compile(
     r"^[\s，,。]*(为什么|为啥|怎么|怎样|如何|咋|能|可以|会|要|有|是不是|是|多少|多久|多大|哪个|哪些|啥|什么)"
@@ -57,8 +57,9 @@ ZH_STOP = frozenset("的了吗呢吧啊呀么是有在上中里和与跟及或�
 
 _TERM = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_.+][A-Za-z0-9]+)*(?:\s?\d+(?:\.\d+)*[A-Za-z]*)?|\d+(?:\.\d+)?[A-Za-z]+\d*")
 _CAP_SEQ = re.compile(r"\b[A-Z][\w'’.-]*(?:\s+(?:of|the|and|de|van|von|der|la|le)?\s*[A-Z][\w'’.-]*)*")
-ZH_NOUNS = ("显卡", "驱动", "模型", "数据集", "服务器", "镜像", "环境", "教程", "文档", "版本", "插件", "接口", "报错", "配置",
+ZH_NOUNS = ("显卡", "驱动", "模型", "数据集", "服务器", "镜像", "环境", "教程", "文档", "版本", "插件", "接口", "配置",
             "权重", "代码", "仓库", "容器", "算子", "脚本", "依赖", "内存", "显存", "电源", "主板", "框架", "论文", "方案")
+# (报错 "error" is left out: in chat it is mostly a verb, 「一直报错」.)
 
 
 def _norm(text: str) -> str:
@@ -82,7 +83,7 @@ def terms(text: str) -> list[str]:
     found: list[tuple[int, str]] = []
     for m in _TERM.finditer(text):
         word = m.group(0).strip()
-        if word.lower() in EN_STOP or (len(word) < 2 and not word.isupper()):
+        if word.split()[0].lower() in EN_STOP or (len(word) < 2 and not word.isupper()):
             continue
         is_tech = (_HAS_CJK.search(text) is not None) or any(c.isdigit() for c in word) \
             or (any(c.isupper() for c in word[1:])) or word.isupper()
@@ -98,10 +99,12 @@ def terms(text: str) -> list[str]:
         found.append((m.start(), seq))
     for noun in ZH_NOUNS:
         for m in re.finditer(re.escape(noun), text):
-            # Take the noun with the Chinese characters right before it: 「显卡驱动」, 「自定义的关键点数据集」 stays short.
+            # Noun compounds stay whole: 「显卡驱动」 is one antecedent, not 「显卡」 then 「驱动」.
             start = m.start()
-            while start > 0 and _HAS_CJK.match(text[start - 1]) and m.end() - start < 4 and text[start - 1] not in ZH_STOP:
-                start -= 1
+            for other in ZH_NOUNS:
+                if text[:start].endswith(other):
+                    start -= len(other)
+                    break
             found.append((start, text[start:m.end()]))
     found.sort()
     out: list[str] = []
@@ -222,17 +225,44 @@ def _partial_name(window: Sequence[Turn], text: str) -> bool:
 
 
 def antecedent(window: Sequence[Turn], question: Turn, *, person: bool = False) -> str | None:
-    """The nearest fitting antecedent: the last term of the newest window message that has one,
-    skipping terms the question already contains. ``person`` prefers capitalised names."""
+    """The nearest fitting antecedent: a term of the newest window message that has one, skipping
+    terms the question already contains.
+
+    Within a message, English prefers a multi-word name, then the first term (the subject is the
+    most salient); Chinese takes the first term too, except after an existential or a request
+    (「有人用过 mmpose 吗」, 「我在用 TensorRT 加速 YOLOv8」) where the topic comes last.
+    ``person`` prefers capitalised names without digits.
+    """
     q_low = question.text.lower()
     for turn in reversed(window):
-        candidates = [t for t in terms(turn.text) if t.lower() not in q_low]
+        candidates = [t for t in terms(turn.text) if t.lower() not in q_low and not _is_number_like(t)]
         if person:
             named = [t for t in candidates if t[:1].isupper() and not any(c.isdigit() for c in t)]
             candidates = named or candidates
-        if candidates:
-            return candidates[-1] if not person else candidates[0]
+        if not candidates:
+            continue
+        if _HAS_CJK.search(turn.text):
+            # 「mmpose 训练 COCO 要几天」: the subject; 「有人用过 mmpose 吗」: what the existential asks about.
+            return candidates[-1] if _ZH_EXISTENTIAL.match(turn.text) else candidates[0]
+        multi = [t for t in candidates if len(t.split()) >= 2 and t[:1].isupper()]
+        return (multi or candidates)[0]
+    # No term anywhere: the last content word of the newest question in the window ("Has anyone
+    # tried mmpose?"): what was asked about is what a follow-up refers to.
+    for turn in reversed(window):
+        if turn.text.rstrip().endswith(("?", "？")) and not _HAS_CJK.search(turn.text):
+            words = [w.strip(".'’-") for w in en_words(turn.text)]
+            words = [w for w in words if w not in EN_STOP and len(w) >= 3 and w not in q_low.split()]
+            if words:
+                return words[-1]
     return None
+
+
+_ZH_EXISTENTIAL = re.compile(r"^\s*(有人|有没有|有谁|谁|大家|求|请问|问下|问一下|推荐|我(在|用|把|们)|你们)")
+
+
+def _is_number_like(term: str) -> bool:
+    letters = sum(c.isalpha() for c in term)
+    return letters <= 2 and sum(c.isdigit() for c in term) >= 3  # phone numbers, post codes
 
 
 _EN_SUBST = re.compile(r"\b(it|they|them|this|that|these|those|he|she|him|her|its|their|his)\b(?!\s+(?:is|are|was|were)\b\s*$)", re.I)
@@ -268,8 +298,12 @@ def rewrite(window: Sequence[Turn], question: Turn) -> str | None:
     what_about = re.match(r"^\s*(?:and\s+)?(what|how)\s+about\s+(.+?)\s*\??$", text, re.I)
     if what_about:
         return f"What about {what_about.group(2)} for {ante}?"
-    stripped = text.rstrip("?？. ")
-    return f"{stripped} of {ante}?" if re.search(r"\bthe\s+\w+$", stripped, re.I) else f"{stripped} about {ante}?"
+    stripped = text.rstrip("?？.! ")
+    end = text[len(stripped):].strip() or "?"
+    the_np = re.search(r"\bthe\s+(\w+(?:\s+(?!(?:please|and|or|for|of|in|on|to|is|are)\b)\w+)?)", stripped, re.I)
+    if the_np:  # "what is the address?" -> "what is the address of Curry Prince?"
+        return f"{stripped[:the_np.end()]} of {ante}{stripped[the_np.end():]}{end}"
+    return f"{stripped} about {ante}{end}"
 
 
 @dataclass
