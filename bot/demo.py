@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import tempfile
 import time
 from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
+from bot.echo_assistant import EchoAssistant
 from bot.onebot_peer import OneBotPeer
 from bot.process import BotProcess
 from pipeline.store import Store
@@ -55,16 +57,44 @@ def wait_for_messages(db: Path, n: int, timeout: float = 15.0) -> None:
 
 
 async def run_demo(workdir: Path, *, env: dict[str, str] | None = None, settle_s: float = 1.0) -> tuple[Path, list]:
+    """Play the sample chat into the real bot. Unless COREFBOT_ASSISTANT_URL is configured, a loopback echo
+    assistant stands in for the group's assistant and the bot answers every question (reply mode ``all``),
+    so the demo shows the whole path: decision, rewrite, forwarded query, answer."""
     db = workdir / "demo.db"
     lines = demo_lines()
-    with BotProcess(db, env=env) as bot:
-        peer = OneBotPeer(bot.ws_url)
-        await peer.connect()
-        await play(peer, lines)
-        await stored(db, len(lines))
-        await asyncio.sleep(settle_s)  # later capabilities answer after the message is stored
-        await peer.close()
+    env = dict(env or {})
+    echo = None
+    if not (env.get("COREFBOT_ASSISTANT_URL") or os.environ.get("COREFBOT_ASSISTANT_URL")):
+        echo = await EchoAssistant().start()
+        env.update({"COREFBOT_ASSISTANT_URL": echo.url, "COREFBOT_ASSISTANT_API": "json"})
+        env.setdefault("COREFBOT_REPLY_MODE", os.environ.get("COREFBOT_REPLY_MODE", "all"))
+        env.setdefault("COREFBOT_RATE_LIMIT", os.environ.get("COREFBOT_RATE_LIMIT", "0"))  # the script is fast
+    try:
+        with BotProcess(db, env=env) as bot:
+            peer = OneBotPeer(bot.ws_url)
+            await peer.connect()
+            await play(peer, lines)
+            await stored(db, len(lines))
+            await asyncio.sleep(settle_s)  # later capabilities answer after the message is stored
+            await asyncio.to_thread(wait_for_outbox, db)
+            await peer.close()
+    finally:
+        if echo is not None:
+            await echo.stop()
     return db, peer.calls
+
+
+def wait_for_outbox(db: Path, timeout: float = 30.0) -> None:
+    """Wait until the resolver's outbox has nothing left in flight (answers posted, or failed/expired)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        store = Store(db)
+        busy = store.db.conn.execute(
+            "SELECT count(*) FROM outbox WHERE status IN ('pending', 'answered', 'replying')").fetchone()[0]
+        store.close()
+        if not busy:
+            return
+        time.sleep(0.1)
 
 
 def report(db: Path, calls: list, out: TextIO) -> None:
@@ -86,12 +116,39 @@ def report(db: Path, calls: list, out: TextIO) -> None:
         w(f"\n  ❓ {names.get(m.sender, m.sender)}: {m.text.replace(chr(10), ' ⏎ ')}\n")
         for p in store.window_before(m, DEFAULT_WINDOW)[-4:]:
             w(f"       ↳ {names.get(p.sender, p.sender)}: {p.text.replace(chr(10), ' ⏎ ')}\n")
+    resolver_report(store, names, w)
     if calls:
         w("\nwhat the bot said in the group:\n")
         for call in calls:
             if call.action in ("send_group_msg", "send_msg"):
                 w(f"  🤖 {call.text}\n")
     store.close()
+
+
+def resolver_report(store: Store, names: dict[str, str], w) -> None:
+    """What the resolver decided for each question, what it forwarded, and what came back."""
+    rows = store.db.conn.execute(
+        "SELECT m.sender, d.question, d.backend, d.decision, d.p_needs, d.gated, d.rewrite, d.rejected_rewrite, "
+        "d.reject_reason, d.forwarded, o.status, o.answer, o.error FROM decisions d "
+        "JOIN merged m ON m.id = d.merged_id LEFT JOIN outbox o ON o.merged_id = d.merged_id "
+        "ORDER BY m.timestamp").fetchall()
+    if not rows:
+        return
+    w("\nresolver (decision → forwarded query → assistant):\n")
+    for sender, question, backend, decision, p_needs, gated, rewrite, rejected, reason, forwarded, status, answer, \
+            error in rows:
+        how = "gate" if gated else backend
+        w(f"\n  ❓ {names.get(sender, sender)}: {question.replace(chr(10), ' ⏎ ')}\n")
+        w(f"     decision: {decision} (p_needs {p_needs or 0:.2f}, {how})\n")
+        if rewrite:
+            w(f"     rewrite:  {rewrite}\n")
+        if rejected:
+            w(f"     rejected rewrite: {rejected.replace(chr(10), ' ⏎ ')} ({reason})\n")
+        if forwarded is None:
+            w("     not forwarded (not addressed to the bot, rate limit, or no assistant configured)\n")
+        else:
+            w(f"     forwarded: {forwarded.replace(chr(10), ' ⏎ ')}\n")
+            w(f"     answer [{status}]: {(answer or error or '').replace(chr(10), ' ⏎ ')}\n")
 
 
 def main(keep: str | None, out: TextIO) -> int:
