@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "bot.commands.bench",  # bench NAME
     "bot.commands.train",  # train, export-gguf, scaling-check
     "bot.commands.models_cmd",  # make-model
+    "bot.commands.nightly",  # nightly --now (the nightly retraining job)
     "bot.commands.eval",  # eval (resolver backends on labelled data)
 ]
 

@@ -1,0 +1,128 @@
+"""nightly: run the nightly retraining job once (``--now``), as the bot's scheduler does, or list recent runs.
+
+Settings not given as options come from the same ``COREFBOT_*`` keys the bot reads (environment or
+``.env``): COREFBOT_BASE_MODEL, COREFBOT_NIGHTLY_DIR, COREFBOT_NIGHTLY_PRESET, COREFBOT_NIGHTLY_MIN_NEW_LABELS,
+COREFBOT_NIGHTLY_MARGIN, COREFBOT_NIGHTLY_QUANT, COREFBOT_NIGHTLY_MIN_AGREEMENT.
+
+Exit status of ``--now``: 0 the job ran (promoted, kept the serving model, or skipped), 1 it failed
+(the serving model is unchanged), 3 another run holds the lock.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+EXIT = {"promoted": 0, "rejected": 0, "skipped": 0, "failed": 1, "busy": 3}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("nightly", help="run the nightly retraining job now (--now), or list recent runs")
+    p.add_argument("--now", action="store_true", help="run the job once: export → train → evaluate → gate → GGUF")
+    p.add_argument("--base", metavar="HF_DIR", help="base model folder (default COREFBOT_BASE_MODEL)")
+    p.add_argument("--preset", help="finetune preset or YAML (default COREFBOT_NIGHTLY_PRESET or paper)")
+    p.add_argument("--work-dir", metavar="DIR",
+                   help="run folders and the lock (default COREFBOT_NIGHTLY_DIR or 'nightly' beside the database)")
+    p.add_argument("--min-new-labels", type=int, help="skip with fewer new labels since the last run (default 50)")
+    p.add_argument("--margin", type=float, help="F1 gain (fraction) the candidate needs to be promoted (default 0.01)")
+    p.add_argument("--quant", choices=["q4_k_m", "q8_0"], help="serving quantization (default q4_k_m)")
+    p.add_argument("--min-agreement", type=float,
+                   help="quantized-vs-merged decision agreement needed to promote (default 0.9)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides the preset)")
+    p.add_argument("--eval-max-examples", type=int, help="cap on evaluated test examples (overrides the preset)")
+    p.add_argument("--force", action="store_true", help="train even with too few new labels")
+    p.add_argument("--no-member-labels", action="store_true", help="train on moderator and imported labels only")
+    p.add_argument("--threads", type=int, help="llama.cpp threads for the agreement check")
+    p.add_argument("--trigger", default="cli", help=argparse.SUPPRESS)  # set by the bot's scheduler/commands
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line (for the bot)")
+    p.add_argument("--history", type=int, default=10, metavar="N", help="without --now: list the last N runs")
+    p.set_defaults(func=cmd_nightly)
+
+
+def _setting(key: str) -> str | None:
+    from bot.settings import _env
+
+    value = _env(key)
+    return value if value not in (None, "") else None
+
+
+def config_from(args: argparse.Namespace) -> Any:
+    """The job's configuration: options first, then COREFBOT_* settings, then the defaults."""
+    from models.nightly import NightlyConfig
+
+    def pick(option: Any, key: str, kind: Any) -> Any:
+        if option is not None:
+            return option
+        raw = _setting(key)
+        if raw is None:
+            return None
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ValueError(f"{key}={raw!r} is not a valid {kind.__name__}") from None
+
+    defaults = NightlyConfig()
+    base = pick(args.base, "COREFBOT_BASE_MODEL", str)
+    work = pick(args.work_dir, "COREFBOT_NIGHTLY_DIR", str)
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("eval_max_examples", args.eval_max_examples))
+                 if v is not None}
+    values = {
+        "preset": pick(args.preset, "COREFBOT_NIGHTLY_PRESET", str),
+        "min_new_labels": pick(args.min_new_labels, "COREFBOT_NIGHTLY_MIN_NEW_LABELS", int),
+        "margin": pick(args.margin, "COREFBOT_NIGHTLY_MARGIN", float),
+        "quant": pick(args.quant, "COREFBOT_NIGHTLY_QUANT", str),
+        "min_agreement": pick(args.min_agreement, "COREFBOT_NIGHTLY_MIN_AGREEMENT", float),
+    }
+    if values["quant"] not in (None, "q4_k_m", "q8_0"):
+        raise ValueError(f"COREFBOT_NIGHTLY_QUANT={values['quant']!r}: choose q4_k_m or q8_0")
+    return NightlyConfig(
+        base_model=Path(base).expanduser() if base else None, work_dir=Path(work).expanduser() if work else None,
+        finetune_overrides=overrides, force=args.force, use_member_labels=not args.no_member_labels,
+        n_threads=args.threads, trigger=args.trigger, progress=sys.stderr.isatty() and not args.json,
+        **{k: (v if v is not None else getattr(defaults, k)) for k, v in values.items()})
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from bot.settings import default_db_path
+
+    db_path = Path(args.db).expanduser() if args.db else default_db_path()
+    if not args.now:
+        return _history(db_path, args.history)
+    from models.nightly import run_nightly
+
+    report = run_nightly(db_path, config_from(args))
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+    else:
+        print(report.summary)
+        if report.run_dir:
+            print(f"run folder   {report.run_dir}")
+        if report.error:
+            print(f"error        {report.error}", file=sys.stderr)
+    return EXIT[report.status]
+
+
+def _history(db_path: Path, limit: int) -> int:
+    from models.nightly import recent_runs
+    from pipeline.store import Store
+
+    if not db_path.is_file():
+        raise FileNotFoundError(f"{db_path}: no corefbot database there")
+    store = Store(db_path)
+    try:
+        runs = recent_runs(store, limit)
+    finally:
+        store.close()
+    if not runs:
+        print(f"no nightly runs recorded in {db_path} (run one: corefbot nightly --now)")
+        return 0
+    for r in runs:
+        when = datetime.fromtimestamp(r.started_at).strftime("%Y-%m-%d %H:%M")
+        version = f" v{r.version_id}" if r.version_id else ""
+        print(f"#{r.id:<4} {when}  {r.status:<11} {r.trigger:<14}{version}")
+        if r.summary:
+            print(f"      {r.summary}")
+    return 0
