@@ -56,7 +56,8 @@ ZH_NE = re.compile(r"呢\s*[？?]?\s*$")
 ZH_STOP = frozenset("的了吗呢吧啊呀么是有在上中里和与跟及或把被对为于从到给还也都就又再很太更最能会要可以怎样什为啥哪多少个这那它他她们该此其请问下一不没")
 
 _TERM = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_.+][A-Za-z0-9]+)*(?:\s?\d+(?:\.\d+)*[A-Za-z]*)?|\d+(?:\.\d+)?[A-Za-z]+\d*")
-_CAP_SEQ = re.compile(r"\b[A-Z][\w'’.-]*(?:\s+(?:of|the|and|de|van|von|der|la|le)?\s*[A-Z][\w'’.-]*)*")
+_CAP_WORD = r"[A-Z][\w'’-]*(?:\.(?=\w)[\w'’-]*)*"  # dots only inside a word: "D.Y", not "Prince. They"
+_CAP_SEQ = re.compile(rf"\b{_CAP_WORD}(?:[ \t]+(?:(?:of|the|and|de|van|von|der|la|le|in|for)[ \t]+){{0,2}}{_CAP_WORD})*")
 ZH_NOUNS = ("显卡", "驱动", "模型", "数据集", "服务器", "镜像", "环境", "教程", "文档", "版本", "插件", "接口", "配置",
             "权重", "代码", "仓库", "容器", "算子", "脚本", "依赖", "内存", "显存", "电源", "主板", "框架", "论文", "方案")
 # (报错 "error" is left out: in chat it is mostly a verb, 「一直报错」.)
@@ -234,7 +235,13 @@ def antecedent(window: Sequence[Turn], question: Turn, *, person: bool = False) 
     ``person`` prefers capitalised names without digits.
     """
     q_low = question.text.lower()
-    for turn in reversed(window):
+    turns = list(reversed(window))
+    if terms(question.text):
+        # "在 TX2 上呢？" after "x86 上跑得挺快的": the question's own term replaces the parallel one
+        # (x86); what it leaves out is the topic that was asked about. Prefer recent questions.
+        asked = [t for t in turns[:4] if t.text.rstrip().endswith(("?", "？", "吗", "呢"))]
+        turns = asked + [t for t in turns if t not in asked]
+    for turn in turns:
         candidates = [t for t in terms(turn.text) if t.lower() not in q_low and not _is_number_like(t)]
         if person:
             named = [t for t in candidates if t[:1].isupper() and not any(c.isdigit() for c in t)]
