@@ -176,3 +176,37 @@ def test_closed_backend_refuses_requests(tiny_gguf: Path):
         b.resolve(WINDOW, QUESTIONS[0])
     with LlamaBackend(b.model_path, n_threads=1) as other, pytest.raises(ValueError, match="rewrite"):
         other.resolve(WINDOW, QUESTIONS[0], rewrite="sometimes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", ["absent.gguf", "corrupt.gguf"])
+def test_load_resolver_falls_back_to_rules(tmp_path: Path, bad: str):
+    from models.resolver import load_resolver
+
+    path = tmp_path / bad
+    if bad == "corrupt.gguf":
+        path.write_bytes(b"GGUF" + b"\0" * 64)
+    resolver = load_resolver("llama-cpp", model_path=str(path), fallback=True)
+    try:
+        assert resolver.name == "rules"
+        assert resolver.fallback_reason is not None and bad in resolver.fallback_reason
+        res = resolver.resolve(WINDOW, QUESTIONS[0], group="g")
+        assert res.decision in DECISIONS
+    finally:
+        resolver.close()
+    with pytest.raises((FileNotFoundError, ValueError), match=bad):
+        load_resolver("llama-cpp", model_path=str(path), fallback=False)
+
+
+def test_load_resolver_serves_the_gguf(tiny_gguf: Path):
+    from models.resolver import load_resolver
+
+    resolver = load_resolver("llama-cpp", model_path=str(tiny_gguf), n_threads=1)
+    try:
+        assert resolver.name == "llama-cpp" and resolver.fallback_reason is None
+        resolver.observe("g", WINDOW)
+        for q in QUESTIONS:
+            res = resolver.resolve(WINDOW, q, group="g")
+            assert res.decision in DECISIONS
+            assert sum(res.probs.values()) == pytest.approx(1.0)
+    finally:
+        resolver.close()
