@@ -83,7 +83,12 @@ def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: st
         except Exception as exc:  # noqa: BLE001 - a timeout or a server error counts as "unknown", and is reported
             log.warning("%s: %s failed: %s", e.id, name, exc)
             return Outcome("unknown", e.question.text, True, (time.perf_counter() - start) * 1000, error=str(exc))
-        sent = not res.gated if resolver.gate is not None else gate_obj.needs_model(e.window, e.question)
+        if resolver.gate is not None:
+            sent = not res.gated
+        elif name == "rules":  # no model behind it: report what the shipped gate would have sent
+            sent = gate_obj.needs_model(e.window, e.question)
+        else:  # --no-gate: everything went to the model
+            sent = True
         return Outcome(res.decision, res.query(e.question.text), sent, (time.perf_counter() - start) * 1000,
                        rejected=res.rejected_rewrite is not None)
     return predict, resolver.close

@@ -1,0 +1,111 @@
+"""``corefbot eval`` end to end: every backend, both input formats, the report's shape and errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from bot.cli import main
+from models.eval_resolver import evaluate, load_for_eval, score
+from pipeline.examples import load_unified
+from pipeline.export import alpaca_rows
+from tests.test_http_backend import LoopbackServer, completion
+
+ZH = Path(__file__).resolve().parents[1] / "models" / "data" / "zh_cases.jsonl"
+
+
+def run_eval(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "report.json"
+    assert main(["eval", *args, "--report", str(out)]) == 0
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def check_shape(report: dict, n: int) -> None:
+    assert report["n"] == n
+    d = report["decision"]
+    assert d["tp"] + d["fp"] + d["fn"] + d["tn"] == n
+    for section, keys in {"decision": ("precision", "recall", "f1"), "rewrite": ("exact_match", "token_f1"),
+                          "gate": ("recall", "skip_rate", "specificity")}.items():
+        for key in keys:
+            assert 0.0 <= report[section][key] <= 1.0, (section, key)
+    assert -1.0 <= report["decision"]["mcc"] <= 1.0
+    assert 0 <= report["latency_ms"]["p50"] <= report["latency_ms"]["p95"]
+
+
+def test_rules_beat_the_pronoun_baseline_on_held_out_chinese(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    n = len(load_unified(ZH, split="test"))
+    rules = run_eval(tmp_path, "--backend", "rules", "--split", "test", str(ZH))
+    printed = capsys.readouterr().out
+    assert "decision" in printed and "gate" in printed and "report written" in printed
+    base = run_eval(tmp_path, "--backend", "pronoun", "--split", "test", str(ZH))
+    for r in (rules, base):
+        check_shape(r, n)
+    assert rules["decision"]["f1"] > base["decision"]["f1"] and rules["decision"]["mcc"] > base["decision"]["mcc"]
+    assert base["rewrite"]["changed"] == 0.0  # the baseline forwards questions as asked
+    assert rules["rewrite"]["token_f1"] > rules["rewrite"]["as_asked_token_f1"]  # its rewrites help on Chinese
+    gate = run_eval(tmp_path, "--backend", "gate", "--split", "test", str(ZH))
+    assert gate["decision"]["recall"] == gate["gate"]["recall"] >= 0.98
+    assert gate["gate"]["specificity"] >= 0.5
+
+
+def test_alpaca_export_is_read_too(tmp_path: Path) -> None:
+    examples = load_unified(ZH, split="test")[:20]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(alpaca_rows(examples), ensure_ascii=False), encoding="utf-8")
+    assert [e.id for e in load_for_eval(path)] == [e.id for e in examples]
+    report = run_eval(tmp_path, "--backend", "rules", str(path))
+    check_shape(report, 20)
+    unified = evaluate(examples, "rules", progress=False)
+    assert report["decision"] == unified["decision"]
+
+
+def test_score_counts_forwarded_text() -> None:
+    from models.eval_resolver import Outcome
+
+    examples = load_unified(ZH, split="test")[:2]  # a needs row, then its self-contained twin
+    assert [e.label for e in examples] == ["needs", "not_needed"]
+    perfect = [Outcome("needs", examples[0].rewrite, True, 1.0), Outcome("not_needed", examples[1].question.text, False, 2.0)]
+    report = score(examples, perfect)
+    assert report["decision"]["f1"] == 1.0 and report["rewrite"]["exact_match"] == 1.0
+    assert report["gate"] == pytest.approx({"recall": 1.0, "specificity": 1.0, "skip_rate": 0.5, "sent_rate": 0.5,
+                                            "tp": 1, "fp": 0, "fn": 0, "tn": 1})
+    wrong = [Outcome("not_needed", examples[0].question.text, False, 1.0), Outcome("needs", "x", True, 2.0)]
+    bad = score(examples, wrong)
+    assert bad["decision"]["f1"] == 0.0 and bad["decision"]["mcc"] == -1.0 and bad["gate"]["recall"] == 0.0
+
+
+def test_http_backend_eval_with_the_gate(tmp_path: Path) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(completion("A", {"A": -0.1, "B": -2.5, "C": -4.0}))
+
+    server = LoopbackServer(handler)
+    try:
+        report = run_eval(tmp_path, "--backend", "http", "--url", server.url, "--split", "test", str(ZH))
+    finally:
+        server.close()
+    n = len(load_unified(ZH, split="test"))
+    check_shape(report, n)
+    # Only what the gate sent reached the server; the rest was answered "not needed" without it.
+    assert len(server.requests) == report["gate"]["tp"] + report["gate"]["fp"] < n
+    assert report["decision"]["tp"] + report["decision"]["fp"] == len(server.requests)
+
+
+@pytest.mark.slow
+def test_llama_cpp_eval_on_the_tiny_model(tmp_path: Path, tiny_gguf: Path) -> None:
+    report = run_eval(tmp_path, "--backend", "llama-cpp", "--model", str(tiny_gguf), "--threads", "2",
+                      "--no-gate", "--split", "test", "--limit", "6", str(ZH))
+    check_shape(report, 6)
+    assert report["errors"] == 0
+    assert report["gate"]["sent_rate"] == 1.0  # --no-gate
+
+
+def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(tmp_path / "absent.jsonl")]) == 2
+    assert "absent.jsonl" in capsys.readouterr().err
+    assert main(["eval", "--split", "nope", str(ZH)]) == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "test" in err and "train" in err
+    assert main(["eval", "--backend", "llama-cpp", "--model", "", str(ZH)]) == 2
+    assert "GGUF" in capsys.readouterr().err
