@@ -16,13 +16,11 @@ from .outbox import OutboxItem, RetryPolicy
 from .service import BotUnavailable, RateLimiter, ResolverService, ServiceOptions
 
 config = get_plugin_config(Config)
-_service: ResolverService | None = None
 
 
 def get_service() -> ResolverService:
-    """The running resolver service (started with the driver, after the chatlog recorder)."""
-    if _service is None:
-        raise RuntimeError("the corefbot resolver service is not running (NoneBot driver not started)")
+    """The resolver service. It exists as soon as the plugin is imported (listeners may be added before the
+    driver starts); it serves from the driver's start-up, after the chatlog recorder's."""
     return _service
 
 
@@ -80,17 +78,17 @@ async def post_reply(item: OutboxItem, text: str) -> str | None:
     return str(result.get("message_id")) if isinstance(result, dict) and result.get("message_id") is not None else None
 
 
+# Made at import so other plugins can add listeners at any time; the model is loaded when the driver starts.
+_service = ResolverService(None, lambda fn: get_recorder().call(fn), assistant=make_assistant(config),
+                           post_reply=post_reply, bot_ids=lambda: set(nonebot.get_bots()), options=options(config))
 driver = get_driver()
 
 
 @driver.on_startup
 async def _start() -> None:
-    global _service
     recorder = get_recorder()
     resolver = await asyncio.to_thread(load_configured_resolver, config)
-    _service = ResolverService(resolver, recorder.call, assistant=make_assistant(config), post_reply=post_reply,
-                               bot_ids=lambda: set(nonebot.get_bots()), options=options(config))
-    await _service.start()
+    await _service.start(resolver)
     recorder.add_listener(_service.on_update)
     logger.info(f"corefbot resolver: backend {resolver.name}, reply mode {config.corefbot_reply_mode}, "
                 f"assistant {config.corefbot_assistant_url or 'none'} ({config.corefbot_assistant_api})")
@@ -98,5 +96,4 @@ async def _start() -> None:
 
 @driver.on_shutdown
 async def _stop() -> None:
-    if _service is not None:
-        await _service.stop()
+    await _service.stop()

@@ -95,7 +95,7 @@ class ServiceOptions:
 
 
 class ResolverService:
-    def __init__(self, resolver: "Resolver", db: DbCall, *, assistant: AssistantClient | None,
+    def __init__(self, resolver: "Resolver | None", db: DbCall, *, assistant: AssistantClient | None,
                  post_reply: PostReply, bot_ids: Callable[[], set[str]],
                  options: ServiceOptions | None = None, model_loader: Callable[[str], "Resolver"] | None = None) -> None:
         self._resolver = resolver
@@ -137,6 +137,8 @@ class ResolverService:
 
     @property
     def resolver(self) -> "Resolver":
+        if self._resolver is None:
+            raise RuntimeError("the resolver service has no model yet (it is loaded when the driver starts)")
         return self._resolver
 
     async def swap_model(self, gguf_path: str | Path) -> None:
@@ -150,7 +152,7 @@ class ResolverService:
         loader = self._model_loader or _load_llama
         async with self._swap_lock:
             new = await asyncio.to_thread(loader, str(gguf_path))
-            old, self._resolver = self._resolver, new
+            old, self._resolver = self.resolver, new
             log.info("resolver model swapped: %s -> %s", _describe(old), _describe(new))
             async with self._released:
                 await self._released.wait_for(lambda: self._in_use.get(id(old), 0) == 0)
@@ -159,7 +161,12 @@ class ResolverService:
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, resolver: "Resolver | None" = None) -> None:
+        """Begin serving (with ``resolver``, when the service was made before the model was loaded)."""
+        if resolver is not None:
+            self._resolver = resolver
+        if self._resolver is None:
+            raise RuntimeError("ResolverService.start needs a resolver")
         interrupted = await self._db(outbox.recover)
         if interrupted:
             log.warning("%d outbox item(s) were interrupted while posting their reply; marked failed, not re-sent",
@@ -179,7 +186,8 @@ class ResolverService:
         if self.assistant is not None:
             await self.assistant.close()
         await asyncio.to_thread(self._executor.shutdown, True)
-        await asyncio.to_thread(self._resolver.close)
+        if self._resolver is not None:
+            await asyncio.to_thread(self._resolver.close)
 
     async def wait_idle(self, timeout: float = 30.0) -> None:
         """Wait until no question is being decided and nothing in the outbox is due or in flight
@@ -254,7 +262,7 @@ class ResolverService:
             forward = False
         self_id = _pick_bot(bots, merged.mentions)
         history = _history(update.window[-self.options.history:] if self.options.history else [])
-        reply_to = update.message.message_id if update.message.sender == merged.sender else merged.message_ids[-1]
+        reply_to = update.message.message_id  # the run's latest line: the one that made it a question to the bot
 
         def record(store: "Store") -> int | None:
             _record_decision(store, merged, resolution, query if forward else None)
@@ -276,7 +284,7 @@ class ResolverService:
                 log.exception("resolution listener %r failed on %s", listener, merged.id)
 
     async def _resolve(self, window: list[Turn], question: Turn, group_key: str) -> "Resolution":
-        resolver = self._resolver  # pinned: a swap meanwhile lets this request finish on the old model
+        resolver = self.resolver  # pinned: a swap meanwhile lets this request finish on the old model
         self._in_use[id(resolver)] += 1
         try:
             loop = asyncio.get_running_loop()
@@ -299,6 +307,8 @@ class ResolverService:
             return
         resolver = self._resolver
         turns = turns[-self.options.window:]
+        if resolver is None:
+            return
 
         def run() -> None:
             try:
@@ -317,6 +327,7 @@ class ResolverService:
 
     async def _run_outbox(self) -> None:
         while not self._closing:
+            self._wake.clear()  # before reading: a wake-up during the reads then runs the loop again at once
             try:
                 await self._db(lambda s: outbox.expire_old(s, self.options.retry.max_age_s))
                 items, later = await self._db(outbox.due)
@@ -330,7 +341,6 @@ class ResolverService:
                 task = asyncio.create_task(self._work(item))
                 task.add_done_callback(lambda t, i=item.id: self._inflight.discard(i))
             wait = 5.0 if later is None else min(max(later - time.time(), 0.01), 5.0)
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), wait)
             except asyncio.TimeoutError:
@@ -348,10 +358,12 @@ class ResolverService:
                     try:
                         answer = await self.assistant.ask(item.query, group=f"{item.platform}:{item.group}",
                                                           history=item.history, request_id=item.merged_id)
-                    except AssistantError as exc:
+                    except Exception as exc:  # noqa: BLE001 - anything but AssistantError is a bug: not retried
+                        retryable = isinstance(exc, AssistantError) and exc.retryable
+                        error = str(exc) if isinstance(exc, AssistantError) else f"unexpected error: {exc!r}"
                         status = await self._db(lambda s: outbox.record_failure(
-                            s, item.id, str(exc), retryable=exc.retryable, policy=self.options.retry))
-                        log.warning("outbox %d (%s): %s -> %s (attempt %d)", item.id, item.merged_id, exc, status,
+                            s, item.id, error, retryable=retryable, policy=self.options.retry))
+                        log.warning("outbox %d (%s): %s -> %s (attempt %d)", item.id, item.merged_id, error, status,
                                     item.attempts + 1)
                         return
                 if not await self._db(lambda s: outbox.record_answer(s, item.id, answer)):
