@@ -296,7 +296,15 @@ def quantize(src: str | Path, dst: str | Path, quant: Quant, *, n_threads: int |
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPES[quant])
     params.nthread = n_threads or 0  # 0: llama.cpp uses every core
-    rc = llama_cpp.llama_model_quantize(os.fsencode(src_p), os.fsencode(tmp), ctypes.byref(params))
+    # llama.cpp logs a line per tensor (and one per fallback type); keep that for --verbose only.
+    native_log = logging.getLogger("llama-cpp-python")
+    level = native_log.level
+    if not log.isEnabledFor(logging.DEBUG):
+        native_log.setLevel(logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(os.fsencode(src_p), os.fsencode(tmp), ctypes.byref(params))
+    finally:
+        native_log.setLevel(level)
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise ValueError(f"llama.cpp could not quantize {src_p} to {quant} (status {rc})")
