@@ -25,9 +25,12 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from pipeline.records import Example, Turn
+
+if TYPE_CHECKING:
+    from pipeline.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +227,18 @@ def default_training_examples(shared: str | Path | None = None) -> list[Example]
     else:
         log.warning("%s is absent: training on the Chinese cases only", task)
     return examples
+
+
+def train_from_store(store: "Store", *, base: bool = True, use_member: bool = True, **train_kwargs) -> Gate:
+    """Retrain from the deployment's labels (moderators' and, with ``use_member``, members'), on top
+    of the shipped training rows when ``base``. The caller saves it where ``Gate.load`` will find it."""
+    from pipeline.export import store_examples
+
+    examples = store_examples(store, use_member=use_member)
+    log.info("gate retraining with %d labelled questions from the store", len(examples))
+    if base:
+        examples = default_training_examples() + examples
+    return Gate.train(examples, **train_kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,7 +209,34 @@ def test_shipped_model_is_what_the_trainer_builds(tmp_path: Path) -> None:
 
 
 def test_features_are_bilingual() -> None:
-    zh = features(MMPOSE, q("那个怎么装？"))
+    zh = features(MMPOSE, q("那个在 TX2 上怎么装？"))
     assert "c1:装" in zh and "r:zh_dem" in zh
     en = features(MMPOSE, q("what about TX2?"))
     assert "w0:what" in en and "r:en_what_about" in en
+
+
+def test_retrain_from_the_store_labels(store) -> None:
+    from models.gate import train_from_store
+    from pipeline.build import build
+    from pipeline.labels import set_label
+    from pipeline.export import iter_records
+    from pipeline.records import Message
+
+    chat = []
+    for i in range(24):  # one question per minute, alternating senders so nothing merges
+        chat.append(("u_a", i * 120, f"有人在 Jetson 上跑过 mmpose {i} 吗？"))
+        chat.append(("u_b", i * 120 + 60, "那个在 TX2 上怎么装？" if i % 2 else f"请问 Ubuntu 2{i % 10}.04 怎么装 CUDA？"))
+    store.insert_messages([Message("qq", "g1", str(i), s, 1000 + t, text) for i, (s, t, text) in enumerate(chat)])
+    build(store)
+    labelled = 0
+    for record in iter_records(store):
+        if record["text"] == "那个在 TX2 上怎么装？":  # short texts (< 7 characters) are never labelled
+            set_label(store, record["id"], "needs", "moderator", labeler="mod", rewrite="mmpose 在 TX2 上怎么装？")
+            labelled += 1
+        elif record["text"].startswith("请问"):
+            set_label(store, record["id"], "not_needed", "moderator", labeler="mod")
+            labelled += 1
+    assert labelled >= 20
+    gate = train_from_store(store, base=False, folds=3, epochs=4)
+    assert gate.meta["n"] == labelled
+    assert gate.needs_model((Turn("a", "有人在 Jetson 上跑过 mmpose 吗？", 0.0),), q("那个在 TX2 上怎么装？"))
