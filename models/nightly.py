@@ -331,21 +331,21 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
                    f"({state.labels} in all); it needs at least {config.min_new_labels}. "
                    f"Serving {serving_name}, unchanged.")
         return state.report("skipped", summary, margin, reason=reason)
+    # ---- train the candidate ----
+    _step(state, "train", on_step)
     if config.base_model is None:
         raise ValueError("no base model configured (COREFBOT_BASE_MODEL or --base)")
     base = Path(config.base_model).expanduser()
-
-    # ---- the new run folder: nothing outside it is written until the registry step ----
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"{base}: no config.json (the base model must be a Hugging Face model folder)")
+    cfg = load_preset(config.preset, **dict(config.finetune_overrides))
+    # ---- a new run folder: nothing outside it is written until the registry step ----
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = work / "runs" / f"{stamp}-run{state.run_id}"
     run_dir.mkdir(parents=True, exist_ok=False)
     state.run_dir = str(run_dir)
     data_path = run_dir / "labels.json"
     _write_data(examples, data_path, labels)
-
-    # ---- train the candidate ----
-    _step(state, "train", on_step)
-    cfg = load_preset(config.preset, **dict(config.finetune_overrides))
     t = time.perf_counter()
     result = finetune_run(base, data_path, run_dir, cfg, progress=config.progress)
     state.seconds["train"] = time.perf_counter() - t

@@ -1,0 +1,194 @@
+"""The nightly job (models/nightly.py) and `corefbot nightly`: skip, promote, refuse, crash, lock, exit codes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from models import registry
+from models.nightly import NightlyConfig, NightlyLock, lock_path, recent_runs, run_nightly
+from pipeline.build import build
+from pipeline.store import Store
+
+CASES = Path(__file__).resolve().parents[1] / "models" / "data"
+# Few steps, decisions only: the job's plumbing is under test here, not the model's quality.
+QUICK = {"max_steps": 4, "eval_rewrites": False, "eval_max_examples": 24}
+
+
+def labelled_db(path: Path, rows: int) -> Path:
+    """A bot database holding ``rows`` labelled questions of the project's own zh/en cases."""
+    from pipeline.importer import import_jsonl
+
+    lines = []
+    for name in ("zh_cases.jsonl", "en_cases.jsonl"):
+        lines += (CASES / name).read_text(encoding="utf-8").splitlines()[: rows // 2]
+    data = path.with_suffix(".jsonl")
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    store = Store(path)
+    try:
+        import_jsonl(store, data)
+        build(store)
+    finally:
+        store.close()
+    return path
+
+
+def sha(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read(db: Path, fn):
+    store = Store(db)
+    try:
+        return fn(store)
+    finally:
+        store.close()
+
+
+def test_too_few_new_labels_is_skipped_with_a_note(tmp_path: Path) -> None:
+    db = labelled_db(tmp_path / "bot.db", 20)
+    report = run_nightly(db, NightlyConfig(base_model=tmp_path / "no-model", min_new_labels=500))
+    assert report.status == "skipped"
+    assert report.labels == read(db, lambda s: s.count("labels")) > 0
+    assert report.new_labels == report.labels  # nothing trained before: every label is new
+    assert f"{report.new_labels} new label(s)" in report.summary and "at least 500" in report.summary
+    assert not (tmp_path / "nightly" / "runs").exists()  # nothing trained, no folder
+    runs = read(db, recent_runs)
+    assert [r.status for r in runs] == ["skipped"] and runs[0].summary == report.summary
+
+
+def test_a_crash_before_training_leaves_the_registry_alone(tmp_path: Path) -> None:
+    db = labelled_db(tmp_path / "bot.db", 20)
+    serving_file = tmp_path / "serving.gguf"
+    serving_file.write_bytes(b"GGUF" + b"\0" * 64)
+    v = read(db, lambda s: registry.register(s, gguf_path=serving_file, status="serving"))
+    report = run_nightly(db, NightlyConfig(base_model=tmp_path / "unreadable", force=True))
+    assert report.status == "failed" and report.failed_step == "train"
+    assert str(tmp_path / "unreadable") in report.error
+    assert f"v{v.id}" in report.summary
+    assert read(db, registry.serving).id == v.id
+    assert read(db, lambda s: len(registry.history(s))) == 1
+    assert read(db, recent_runs)[0].status == "failed"
+
+
+def test_a_second_run_while_one_holds_the_lock_is_busy_across_processes(tmp_path: Path) -> None:
+    db = labelled_db(tmp_path / "bot.db", 10)
+    lock = lock_path(tmp_path / "nightly")
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, str(os.getpid()).encode())
+        print("locked", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        report = run_nightly(db, NightlyConfig(min_new_labels=0))
+        assert report.status == "busy" and str(holder.pid) in report.reason
+        assert read(db, recent_runs) == []  # a refused run touches nothing
+        # The CLI says so with its own exit status.
+        from bot.cli import main
+
+        assert main(["--db", str(db), "nightly", "--now", "--json"]) == 3
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel dropped the dead holder's lock: the next run goes ahead.
+    assert run_nightly(db, NightlyConfig(min_new_labels=10_000)).status == "skipped"
+    with NightlyLock(lock):  # and a lock in this process refuses a second opener here too
+        assert not NightlyLock(lock).acquire()
+
+
+def test_cli_prints_the_report_and_maps_outcomes_to_exit_codes(tmp_path: Path, capsys, monkeypatch) -> None:
+    from bot.cli import main
+
+    monkeypatch.delenv("COREFBOT_BASE_MODEL", raising=False)
+    db = labelled_db(tmp_path / "bot.db", 10)
+    assert main(["--db", str(db), "nightly", "--now", "--json", "--min-new-labels", "1000"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["status"] == "skipped" and report["trigger"] == "cli"
+    # Settings come from COREFBOT_* when no option is given.
+    monkeypatch.setenv("COREFBOT_NIGHTLY_MIN_NEW_LABELS", "1000")
+    assert main(["--db", str(db), "nightly", "--now"]) == 0
+    assert "at least 1000" in capsys.readouterr().out
+    monkeypatch.setenv("COREFBOT_BASE_MODEL", str(tmp_path / "missing-model"))
+    assert main(["--db", str(db), "nightly", "--now", "--force"]) == 1
+    captured = capsys.readouterr()
+    assert "failed at step 'train'" in captured.out and "missing-model" in captured.err
+    assert main(["--db", str(db), "nightly"]) == 0  # the run list
+    out = capsys.readouterr().out
+    assert "failed" in out and "skipped" in out
+    monkeypatch.setenv("COREFBOT_NIGHTLY_MARGIN", "lots")
+    assert main(["--db", str(db), "nightly", "--now"]) == 2  # a bad setting is named
+    assert "COREFBOT_NIGHTLY_MARGIN='lots'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_nightly_end_to_end_promote_skip_refuse_and_crash(tmp_path: Path, tiny_hf: Path) -> None:
+    """Train → evaluate → promote → GGUF on the tiny model; then: nothing new → skip; a candidate that
+    cannot beat the serving model → refused; a crash just before the registry flip → nothing changes."""
+    db = labelled_db(tmp_path / "bot.db", 80)
+    base = dict(base_model=tiny_hf, preset="tiny", finetune_overrides=QUICK, min_agreement=0.0,
+                agreement_examples=16, min_new_labels=10)
+
+    # 1. Nothing served yet: the base model is the baseline; margin -1 lets any candidate through.
+    first = run_nightly(db, NightlyConfig(**base, margin=-1.0))
+    assert first.status == "promoted", first.error
+    assert first.baseline == "the base model" and first.f1_before is not None and first.f1_after is not None
+    assert first.train + first.validation + first.test == first.labels > 0 and first.test > 0
+    serving = read(db, registry.serving)
+    assert serving.id == first.version_id and serving.gguf_path == first.gguf_path
+    assert Path(serving.gguf_path).is_file() and Path(serving.gguf_path).parent == Path(first.run_dir)
+    assert serving.metrics["baseline_f1"] == pytest.approx(first.f1_before)
+    assert f"Promoted as v{serving.id}" in first.summary
+    from models.llama_backend import LlamaBackend
+    from pipeline.records import Turn
+
+    backend = LlamaBackend(serving.gguf_path, n_threads=2)
+    try:  # the promoted file is a model llama.cpp serves
+        assert backend.resolve([Turn("a", "mmpose 好用吗", 0.0)], Turn("b", "它支持 TX2 吗？", 1.0)).decision
+    finally:
+        backend.close()
+    serving_sha = sha(serving.gguf_path)
+
+    # 2. No label changed since: skipped, nothing trained.
+    runs_dirs = set((tmp_path / "nightly" / "runs").iterdir())
+    second = run_nightly(db, NightlyConfig(**base, margin=-1.0))
+    assert second.status == "skipped" and second.new_labels == 0
+    assert set((tmp_path / "nightly" / "runs").iterdir()) == runs_dirs
+
+    # 3. A new moderator label arrives, but no candidate can gain more than 1.0 F1: refused, serving kept.
+    from pipeline.export import store_examples
+    from pipeline.labels import set_label
+
+    def relabel(store: Store) -> None:
+        e = store_examples(store)[0]
+        set_label(store, e.id, "not_needed" if e.label == "needs" else "needs", "moderator", labeler="90001")
+
+    read(db, relabel)
+    third = run_nightly(db, NightlyConfig(**{**base, "min_new_labels": 1}, margin=1.01))
+    assert third.status == "rejected" and third.new_labels == 1
+    assert third.baseline == f"serving v{serving.id}"  # evaluated from its run folder on tonight's test split
+    assert "Not promoted" in third.summary and f"Serving v{serving.id}, unchanged" in third.summary
+    assert read(db, registry.serving).id == serving.id and sha(serving.gguf_path) == serving_sha
+    rejected = read(db, lambda s: registry.get(s, third.version_id))
+    assert rejected.status == "rejected" and rejected.gguf_path == ""
+
+    # 4. A crash at the last step (GGUF written, registry not yet flipped): nothing changes.
+    def crash(step: str) -> None:
+        if step == "register":
+            raise RuntimeError("power cut")
+
+    fourth = run_nightly(db, NightlyConfig(**base, margin=-1.0, force=True), on_step=crash)
+    assert fourth.status == "failed" and fourth.failed_step == "register" and "power cut" in fourth.error
+    assert list(Path(fourth.run_dir).glob("model-*.gguf"))  # the candidate was built…
+    assert read(db, registry.serving).id == serving.id and sha(serving.gguf_path) == serving_sha  # …and not served
+    assert {v.gguf_path for v in read(db, registry.history)} == {serving.gguf_path, ""}
+    assert [r.status for r in read(db, recent_runs)] == ["failed", "rejected", "skipped", "promoted"]
