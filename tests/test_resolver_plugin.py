@@ -298,3 +298,31 @@ async def test_swap_model_under_load_keeps_every_request_and_closes_the_old_mode
         recorder.stop()
     assert heard == ["llama-cpp"] * 10  # every question resolved by a model, none failed on a closed one
 
+
+
+def test_priority_worker_runs_questions_to_the_bot_before_background_ones() -> None:
+    import threading
+
+    from plugins.resolver.worker import ADDRESSED, BACKGROUND, PriorityWorker
+
+    worker = PriorityWorker("test-worker")
+    gate, order = threading.Event(), []
+    try:
+        blocker = worker.submit(BACKGROUND, gate.wait)  # the model is busy with one question
+        time.sleep(0.05)
+        futures = [worker.submit(BACKGROUND, lambda: order.append("b1")),
+                   worker.submit(BACKGROUND, lambda: order.append("b2")),
+                   worker.submit(ADDRESSED, lambda: order.append("a1")),
+                   worker.submit(ADDRESSED, lambda: 1 / 0)]
+        assert worker.pending(BACKGROUND) == 2 and worker.pending(ADDRESSED) == 2
+        gate.set()
+        blocker.result(5)
+        for f in futures[:3]:
+            f.result(5)
+        with pytest.raises(ZeroDivisionError):
+            futures[3].result(5)
+    finally:
+        worker.shutdown()
+    assert order == ["a1", "b1", "b2"]
+    with pytest.raises(RuntimeError, match="shut down"):
+        worker.submit(ADDRESSED, lambda: None)

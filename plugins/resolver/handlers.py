@@ -51,7 +51,8 @@ def make_assistant(cfg: Config) -> AssistantClient | None:
 
 def options(cfg: Config) -> ServiceOptions:
     return ServiceOptions(
-        reply_mode=cfg.corefbot_reply_mode, resolve_all=cfg.corefbot_resolve_all, window=chatlog_config.corefbot_window,
+        reply_mode=cfg.corefbot_reply_mode, resolve_all=cfg.corefbot_resolve_all,
+        max_background=cfg.corefbot_resolve_backlog, window=chatlog_config.corefbot_window,
         history=cfg.corefbot_assistant_history, show_query=cfg.corefbot_show_query,
         max_answer_chars=cfg.corefbot_max_answer_chars, concurrency=cfg.corefbot_assistant_concurrency,
         rate=RateLimiter(cfg.corefbot_rate_limit, cfg.corefbot_rate_period_s),

@@ -28,7 +28,6 @@ import asyncio
 import logging
 import time
 from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, TypeVar
@@ -38,6 +37,7 @@ from pipeline.window import turn
 
 from . import outbox
 from .forward import AssistantClient, AssistantError
+from .worker import ADDRESSED, BACKGROUND, PriorityWorker
 
 if TYPE_CHECKING:
     from models.resolver import Resolution, Resolver
@@ -90,6 +90,7 @@ class ServiceOptions:
     show_query: bool = True
     max_answer_chars: int = 3000
     concurrency: int = 4
+    max_background: int = 16  # unaddressed questions waiting for the model beyond this are not resolved
     rate: RateLimiter = field(default_factory=lambda: RateLimiter(5, 60.0))
     retry: outbox.RetryPolicy = field(default_factory=outbox.RetryPolicy)
 
@@ -106,7 +107,7 @@ class ResolverService:
         self.options = options or ServiceOptions()
         self._model_loader = model_loader
         self._listeners: list[ResolutionListener] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corefbot-resolve")
+        self._worker_thread = PriorityWorker()
         self._in_use: dict[int, int] = defaultdict(int)  # id(resolver) -> resolutions running on it
         self._released = asyncio.Condition()
         self._swap_lock = asyncio.Lock()
@@ -185,7 +186,7 @@ class ResolverService:
             await asyncio.gather(self._worker, *self._tasks, return_exceptions=True)
         if self.assistant is not None:
             await self.assistant.close()
-        await asyncio.to_thread(self._executor.shutdown, True)
+        await asyncio.to_thread(self._worker_thread.shutdown, True)
         if self._resolver is not None:
             await asyncio.to_thread(self._resolver.close)
 
@@ -243,6 +244,12 @@ class ResolverService:
         if queued or (decided and not addressed) or (not addressed and not self.options.resolve_all):
             self._observe(group_key, [*window, turn(merged)])
             return
+        if not addressed and self._worker_thread.pending(BACKGROUND) >= self.options.max_background:
+            # Busy: questions nobody put to the bot are recorded for the labels only when there is time.
+            log.info("resolver busy (%d questions waiting); not resolving unaddressed %s", self.options.max_background,
+                     merged.id)
+            self._observe(group_key, [*window, turn(merged)])
+            return
         self._handling.add(merged.id)
         try:
             await self._decide(update, window, group_key, addressed, bots)
@@ -253,7 +260,7 @@ class ResolverService:
     async def _decide(self, update: "Update", window: list[Turn], group_key: str, addressed: bool,
                       bots: set[str]) -> None:
         merged = update.merged
-        resolution = await self._resolve(window, turn(merged), group_key)
+        resolution = await self._resolve(window, turn(merged), group_key, ADDRESSED if addressed else BACKGROUND)
         query = resolution.query(merged.text)
         forward = addressed and self.assistant is not None
         if forward and not self.options.rate.allow((merged.platform, merged.group)):
@@ -283,13 +290,12 @@ class ResolverService:
             except Exception:  # noqa: BLE001 - one listener's bug must not stop the others
                 log.exception("resolution listener %r failed on %s", listener, merged.id)
 
-    async def _resolve(self, window: list[Turn], question: Turn, group_key: str) -> "Resolution":
+    async def _resolve(self, window: list[Turn], question: Turn, group_key: str, priority: int) -> "Resolution":
         resolver = self.resolver  # pinned: a swap meanwhile lets this request finish on the old model
         self._in_use[id(resolver)] += 1
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._executor, lambda: resolver.resolve(window, question, group=group_key))
+            return await asyncio.wrap_future(self._worker_thread.submit(
+                priority, lambda: resolver.resolve(window, question, group=group_key)))
         except Exception as exc:  # noqa: BLE001 - a failing model must not lose the question
             from models.resolver import Resolution
 
@@ -319,9 +325,9 @@ class ResolverService:
         if resolver.name == "rules":
             return  # nothing to prefill
         try:
-            self._executor.submit(run)
+            self._worker_thread.submit(ADDRESSED, run)  # only queues the backend's own prefill: cheap, keep it early
         except RuntimeError:
-            pass  # executor shut down
+            pass  # shut down
 
     # ---- the outbox worker -----------------------------------------------------------------------
 
