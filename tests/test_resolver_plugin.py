@@ -326,3 +326,53 @@ def test_priority_worker_runs_questions_to_the_bot_before_background_ones() -> N
     assert order == ["a1", "b1", "b2"]
     with pytest.raises(RuntimeError, match="shut down"):
         worker.submit(ADDRESSED, lambda: None)
+
+
+async def test_a_line_addressing_the_bot_while_its_run_is_being_decided_is_not_lost(tmp_path: Path) -> None:
+    import threading
+
+    from models.resolver import Resolver
+    from models.rules import RulesBackend
+    from pipeline.question import QuestionFilter
+    from pipeline.records import Message
+    from plugins.chatlog.recorder import Recorder
+    from plugins.resolver.forward import AssistantClient
+    from plugins.resolver.service import ResolverService, ServiceOptions
+
+    release = threading.Event()
+
+    class HeldRules(RulesBackend):  # the real rules backend, held until the test lets it answer
+        def resolve(self, window, question, *, group=None):
+            release.wait(10)
+            return super().resolve(window, question, group=group)
+
+    recorder = Recorder(tmp_path / "held.db", question_filter=QuestionFilter())
+    recorder.start()
+    posted: list[str] = []
+
+    async def post(item, text):
+        posted.append(item.question)
+        return "1"
+
+    async with EchoAssistant() as assistant:
+        service = ResolverService(Resolver(HeldRules()), recorder.call,
+                                  assistant=AssistantClient(assistant.url, api="json"), post_reply=post,
+                                  bot_ids=lambda: {str(BOT)}, options=ServiceOptions(reply_mode="mention"))
+        await service.start()
+        recorder.add_listener(service.on_update)
+        now = time.time() - 100
+        try:
+            recorder.submit(Message("onebotv11", "8", "1", "20005", now, "mmdeploy 转 TensorRT 报错了，怎么解决？"))
+            await recorder.flush()
+            await asyncio.sleep(0.1)  # the unaddressed first line is now being decided (held)
+            recorder.submit(Message("onebotv11", "8", "2", "20005", now + 5, "提示 CUDA out of memory，有人知道吗？",
+                                    mentions=(str(BOT),)))
+            await recorder.flush()
+            await asyncio.sleep(0.1)
+            release.set()
+            await service.wait_idle(10)
+        finally:
+            await service.stop()
+            recorder.stop()
+    assert posted == ["mmdeploy 转 TensorRT 报错了，怎么解决？\n提示 CUDA out of memory，有人知道吗？"]
+    assert len(assistant.requests) == 1

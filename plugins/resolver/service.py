@@ -16,7 +16,8 @@ sender, ≤ 18 s) updates the same question. A run is queued for the assistant a
 update that is both a question and addressed to the bot queues it (with the text so far); later lines
 are recorded but not forwarded again. A run resolved without being addressed (``mention`` mode) is not
 resolved again on later lines unless one of them addresses the bot, in which case it is resolved anew
-with the whole text and forwarded.
+with the whole text and forwarded. Lines that arrive while their run is being decided are looked at
+once the decision is recorded (only the latest of them: it carries the whole run).
 
 **Failures.** A backend error or timeout forwards the question as asked (decision ``unknown``, the
 error kept in ``decisions.reject_reason``). No assistant configured: questions are still resolved and
@@ -112,6 +113,7 @@ class ResolverService:
         self._released = asyncio.Condition()
         self._swap_lock = asyncio.Lock()
         self._handling: set[str] = set()  # merged ids being decided right now
+        self._recheck: dict[str, "Update"] = {}  # newer lines of a run that arrived while it was being decided
         self._tasks: set[asyncio.Task] = set()
         self._inflight: set[int] = set()  # outbox ids being worked on
         self._wake = asyncio.Event()
@@ -223,7 +225,10 @@ class ResolverService:
         merged = update.merged
         window = [turn(m) for m in update.window]
         group_key = f"{merged.platform}:{merged.group}"
-        if merged.from_self or not merged.is_question or merged.id in self._handling:
+        if merged.id in self._handling:
+            self._recheck[merged.id] = update  # looked at again once the current decision is recorded
+            return
+        if merged.from_self or not merged.is_question:
             # Keep the backend's per-group state warm for the group's next question.
             self._observe(group_key, [*window, turn(merged)])
             return
@@ -256,6 +261,8 @@ class ResolverService:
         finally:
             self._handling.discard(merged.id)
         self._observe(group_key, [*window, turn(merged)])
+        if (later := self._recheck.pop(merged.id, None)) is not None:
+            await self._handle(later)  # e.g. a line that @-mentions the bot arrived while this one was decided
 
     async def _decide(self, update: "Update", window: list[Turn], group_key: str, addressed: bool,
                       bots: set[str]) -> None:
