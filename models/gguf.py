@@ -135,11 +135,18 @@ def _vocab(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int]]:
             types.append(gguf.TokenType.UNUSED)
         elif i in added:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+            control = added[i].get("special") or _looks_special(by_id[i])
+            types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     return tokens, types
+
+
+def _looks_special(token: str) -> bool:
+    """llama.cpp's converter treats these added tokens as control tokens even when not marked special."""
+    return (token in ("<pad>", "<mask>") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<unused") and token.endswith(">")))
 
 
 def _rope(writer: Any, config: dict[str, Any], cfg_path: Path) -> None:
