@@ -36,14 +36,16 @@ not no any some other else also besides aside apart after before during while be
 i me my you your we us our please want like get got
 s 's
 """.split())
-ZH_GLUE = frozenset("的地得了在上中里和与跟及或是有用把被对为于从到给吗呢吧啊么什怎样个这那该此其它他她们还也都就又再")
+ZH_GLUE = frozenset("的地得了在上中里和与跟及或是有用把被对为于从到给吗呢吧啊么什怎样个这那该此其它他她们还也都就又再"
+                    # modal and light verbs of tech chat (run, install, enable, add…): they carry no entity
+                    "能会要需而时才比之后前以并但所着过好跑装开加做写改转说")
 
 # Words whose disappearance from the question is expected: they are what a rewrite replaces.
 EN_ANAPHORS = frozenset("""
 it its they them their theirs this that these those he him his she her hers one ones there here
 such same former latter the a an do does did so too also else
 """.split())
-ZH_ANAPHORS = frozenset("它他她们这那该此其上述个些呢吗吧啊呀么")
+ZH_ANAPHORS = frozenset("它他她们这那该此其上述个些呢吗吧啊呀么然后前者办")
 
 _INJECTION = [
     re.compile(r"\b(ignore|disregard|forget)\b.{0,40}\b(above|previous|prior|earlier|instructions?|prompt|rules?)\b", re.I),
