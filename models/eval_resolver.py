@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 EvalBackend = Literal["rules", "gate", "pronoun", "llama-cpp", "http"]
 EVAL_BACKENDS: tuple[EvalBackend, ...] = ("rules", "gate", "pronoun", "llama-cpp", "http")
+MAX_MISTAKES = 25  # wrong decisions kept in the report, for reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +128,11 @@ def score(examples: Sequence[Example], outcomes: Sequence[Outcome]) -> dict[str,
             g = Confusion.of([gold[i] for i in idx], [outcomes[i].sent_to_model for i in idx])
             by_lang[lang] = {"n": len(idx), "f1": c.f1, "mcc": c.mcc, "gate_recall": g.recall,
                              "gate_specificity": g.specificity}
+    mistakes = [{"id": e.id, "question": e.question.text, "gold": e.label, "decision": o.decision,
+                 "forwarded": o.forwarded, "gold_rewrite": e.rewrite}
+                for e, o in zip(examples, outcomes) if (o.decision == "needs") != (e.label == "needs")][:MAX_MISTAKES]
     return {"n": len(examples), "decision": decision, "rewrite": rewrite, "gate": gate, "latency_ms": latency,
-            "errors": sum(o.error is not None for o in outcomes), "by_lang": by_lang}
+            "errors": sum(o.error is not None for o in outcomes), "by_lang": by_lang, "mistakes": mistakes}
 
 
 def _div(a: float, b: float) -> float:

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import re
 import unicodedata
@@ -198,7 +199,8 @@ class Gate:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Gate":
-        path = Path(path) if path else DEFAULT_PATH
+        """The gate at ``path``; by default ``COREFBOT_GATE_PATH`` (a retrained gate) or the shipped model."""
+        path = Path(path or os.environ.get("COREFBOT_GATE_PATH") or DEFAULT_PATH)
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -74,6 +74,7 @@ def test_score_counts_forwarded_text() -> None:
     wrong = [Outcome("not_needed", examples[0].question.text, False, 1.0), Outcome("needs", "x", True, 2.0)]
     bad = score(examples, wrong)
     assert bad["decision"]["f1"] == 0.0 and bad["decision"]["mcc"] == -1.0 and bad["gate"]["recall"] == 0.0
+    assert [m["id"] for m in bad["mistakes"]] == [e.id for e in examples] and not report["mistakes"]
 
 
 def test_http_backend_eval_with_the_gate(tmp_path: Path) -> None:

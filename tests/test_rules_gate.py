@@ -196,6 +196,16 @@ def test_bad_model_files_name_the_path(tmp_path: Path, content: str, match: str)
         Gate.load(tmp_path / "absent.json")
 
 
+def test_gate_path_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    retrained = Gate.train(_toy(20), folds=2, epochs=2)
+    retrained.save(tmp_path / "retrained.json")
+    monkeypatch.setenv("COREFBOT_GATE_PATH", str(tmp_path / "retrained.json"))
+    assert Gate.load().meta == json.loads((tmp_path / "retrained.json").read_text())["meta"]
+    monkeypatch.setenv("COREFBOT_GATE_PATH", str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        Gate.load()
+
+
 @pytest.mark.slow
 def test_shipped_model_is_what_the_trainer_builds(tmp_path: Path) -> None:
     shared_data("task_gecor.jsonl")
