@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from pipeline.records import Turn
+
+if TYPE_CHECKING:
+    from models.resolver import Resolution
 
 CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _HAS_CJK = re.compile(f"[{CJK}]")
@@ -285,7 +288,8 @@ def rewrite(window: Sequence[Turn], question: Turn) -> str | None:
         body = ZH_INITIAL.sub("", text)
         for pron in ZH_PERSONAL + ("这个", "那个", "这些", "那些", "上述", "该", "此"):
             if pron in body:
-                return body.replace(pron, ante if ante.isascii() is False else f" {ante} ", 1).strip().replace("  ", " ")
+                spaced = f" {ante} " if ante.isascii() else ante  # Latin terms keep spaces around them in Chinese text
+                return body.replace(pron, spaced, 1).strip().replace("  ", " ")
         for dem in ("这种", "那种", "这款", "那款"):
             if dem in body:
                 return body.replace(dem, ante, 1)
@@ -299,7 +303,7 @@ def rewrite(window: Sequence[Turn], question: Turn) -> str | None:
         pron = m.group(1).lower()
         nxt = text[m.end():].lstrip().split(" ", 1)[0].lower().strip("?.!,")
         if pron in ("this", "that", "these", "those") and nxt and nxt not in EN_STOP:
-            return text[:m.start()] + "the " + text[m.end():].lstrip() + f" ({ante})"  # "this version" -> keep the noun
+            return f"{text[:m.start()]}the {ante} {text[m.end():].lstrip()}"  # "that version" -> "the CUDA 11.8 version"
         repl = ante + "'s" if pron in ("its", "their", "his") or (pron == "her" and nxt and nxt not in EN_STOP) else ante
         return text[:m.start()] + repl + text[m.end():]
     what_about = re.match(r"^\s*(?:and\s+)?(what|how)\s+about\s+(.+?)\s*\??$", text, re.I)
@@ -327,7 +331,7 @@ class RulesBackend:
             self.gate = Gate.load()
         return self.gate
 
-    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None):
+    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None) -> "Resolution":
         from models.resolver import Resolution
 
         gate = self._gate()
