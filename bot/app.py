@@ -12,6 +12,7 @@ PLUGINS = [
     "plugins.chatlog",
     "plugins.resolver",
     "plugins.labels",
+    "plugins.nightly",
 ]
 DEFAULTS: dict[str, Any] = {"driver": "~fastapi+~aiohttp", "host": "127.0.0.1", "port": 8080}
 
