@@ -137,10 +137,12 @@ class Verdict:
     breaks: tuple[Break, ...]
 
     @property
-    def consistent(self) -> bool:
-        """True when the metric rises with size: rho > 0 and no break beyond the order spread."""
-        return (not math.isnan(self.spearman)) and self.spearman > 0 and not any(
-            not b.within_noise for b in self.breaks)
+    def consistent(self) -> bool | None:
+        """True when the metric rises with size: rho > 0 and no break beyond the order spread;
+        None when the ladder has fewer than two sizes (nothing to judge)."""
+        if self.models < 2 or math.isnan(self.spearman):
+            return None
+        return self.spearman > 0 and not any(not b.within_noise for b in self.breaks)
 
     def text(self) -> str:
         rho = "n/a" if math.isnan(self.spearman) else f"{self.spearman:+.2f}"
@@ -151,8 +153,12 @@ class Verdict:
             tail = "; falls at " + ", ".join(
                 f"{b.smaller} → {b.larger} (−{100 * b.drop:.1f} pts{', within order spread' if b.within_noise else ''})"
                 for b in self.breaks)
-        advice = ("consistent with the scaling law" if self.consistent
-                  else "NOT consistent with the scaling law: check the labels and the prompt")
+        if self.consistent is None:
+            advice = "needs at least two models of different sizes to judge"
+        elif self.consistent:
+            advice = "consistent with the scaling law"
+        else:
+            advice = "NOT consistent with the scaling law: check the labels and the prompt"
         return f"{head}{tail} — {advice}"
 
 

@@ -1,0 +1,189 @@
+"""Training throughput: models.finetune vs a plain transformers Trainer + peft, same model/data/settings.
+
+Each trainer runs in its own process (so peak memory is its own): the same base model (by default the
+~13M-parameter ``small`` shape of models/tiny.py, random weights), the same examples rendered by the
+one prompt builder, the same LoRA and optimizer settings (the paper preset: r 64, alpha 16, dropout
+0.05, all linear layers, lr 2e-4, cosine, 10 warm-up steps), the same number of optimizer steps and
+sequences. Throughput counts non-padding tokens per second of training (model loading excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("deploy install model error version driver build mmpose TensorRT CUDA docker config export "
+         "train dataset batch memory GPU phone it that this they the a to on with for how why what "
+         "works fails again now still").split()
+
+
+def synthetic_unified(n: int, seed: int = 0) -> list[dict]:
+    """Unified-format rows with windows of 0–12 turns, so lengths vary as in real chats."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        turns = rng.randint(0, 12)
+        context = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25))) for _ in range(turns)]
+        needs = rng.random() < 0.45
+        topic = rng.choice(WORDS[:13])
+        query = f"how to {rng.choice(['fix', 'use'])} it?" if needs else f"how to install {topic} on TX2?"
+        rows.append({"source": "bench", "id": f"d{i // 4}t{i % 4}", "lang": "en", "split": "train",
+                     "context": context, "query": query, "needs_rewrite": needs,
+                     "rewrite": f"how to fix {topic}?" if needs else query})
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", help="HF model folder (default: build the 'small' shape in a temp folder)")
+    parser.add_argument("--shape", default="small", help="models/tiny.py shape to build when --base is absent")
+    parser.add_argument("--data", help="labelled data (unified .jsonl or alpaca); default: synthetic chats")
+    parser.add_argument("--examples", type=int, default=400, help="synthetic examples (default 400)")
+    parser.add_argument("--steps", type=int, default=25, help="optimizer steps per trainer (default 25)")
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--trainers", default="ours,trainer,trainer-grouped",
+                        help="comma list of: ours, ours-ungrouped, trainer, trainer-grouped")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--report", help="write the figures as JSON here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def _config(args: argparse.Namespace):
+    from models.finetune import load_preset
+
+    return load_preset("paper", max_steps=args.steps, micro_batch_size=args.micro_batch_size,
+                       gradient_accumulation_steps=args.grad_accum, device=args.device,
+                       group_by_length=args.worker != "ours-ungrouped")
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    """One trainer, in this process; returns its figures."""
+    import resource
+
+    from models.finetune import encode_examples, fit, setup
+    from pipeline.examples import load_examples
+
+    config = _config(args)
+    examples = load_examples(args.data)
+    if args.worker in ("ours", "ours-ungrouped"):
+        session = setup(args.base, config)
+        data, _ = encode_examples(examples, session.tokenizer, seed=config.seed, sequence_len=config.sequence_len)
+        r = fit(session, data, progress=False)
+        out = {"tokens": r.tokens, "padded_tokens": r.padded_tokens, "wall_s": r.wall_s,
+               "final_loss": r.losses[-1].loss, "sequences": r.sequences, "device": session.device}
+    else:
+        out = _trainer_baseline(args, config, examples, grouped=args.worker == "trainer-grouped")
+    import torch
+
+    if out["device"].startswith("cuda"):
+        out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    else:
+        out["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["tokens_per_s"] = out["tokens"] / out["wall_s"]
+    return out
+
+
+def _trainer_baseline(args: argparse.Namespace, config, examples, *, grouped: bool) -> dict:
+    """The reference: transformers.Trainer on a peft model, labels masked to the response."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainingArguments)
+
+    from models.finetune import encode_examples
+    from models.hf_eval import pick_device, torch_dtype_for
+
+    device = pick_device(config.device)
+    dtype = torch_dtype_for(config.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                             lora_dropout=config.lora_dropout, target_modules="all-linear",
+                                             bias="none", task_type="CAUSAL_LM"))
+    data, _ = encode_examples(examples, tokenizer, seed=config.seed, sequence_len=config.sequence_len)
+    rows = [{"input_ids": list(d.ids), "attention_mask": [1] * len(d.ids),
+             "labels": [-100] * d.n_prompt + list(d.ids[d.n_prompt:])} for d in data]
+    counted = {"tokens": 0, "padded": 0, "sequences": 0}
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    def counting_collator(features):
+        batch = collate(features)
+        counted["tokens"] += int(batch["attention_mask"].sum())
+        counted["padded"] += batch["input_ids"].numel()
+        counted["sequences"] += len(features)
+        return batch
+
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="corefbot-trainer-"), per_device_train_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, optim="adamw_torch",
+        logging_steps=1, save_strategy="no", report_to=[], seed=config.seed, train_sampling_strategy="group_by_length" if grouped else "random",
+        bf16=dtype == torch.bfloat16, use_cpu=device == "cpu", dataloader_num_workers=0,
+        remove_unused_columns=False, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=counting_collator)
+    start = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"tokens": counted["tokens"], "padded_tokens": counted["padded"], "wall_s": wall,
+            "final_loss": losses[-1] if losses else math.nan, "sequences": counted["sequences"],
+            "device": device, "train_loss": result.training_loss}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        Path(args.result).write_text(json.dumps(_worker(args)))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="corefbot-bench-training-"))
+    base = args.base
+    if not base:
+        from models.tiny import make_model
+
+        base = str(make_model(args.shape, work / args.shape))
+    from models.scaling import count_parameters
+
+    data = args.data
+    if not data:
+        data = str(work / "data.jsonl")
+        Path(data).write_text("".join(json.dumps(r) + "\n" for r in synthetic_unified(args.examples)))
+    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    figures: dict = {"base": base, "parameters": count_parameters(base), "data": data, "steps": args.steps,
+                     "micro_batch_size": args.micro_batch_size, "grad_accum": args.grad_accum, "trainers": {}}
+    print(f"model {base} ({figures['parameters']:,} parameters), {args.steps} steps x "
+          f"{args.micro_batch_size} x {args.grad_accum} sequences, LoRA r 64 on all linear layers")
+    for name in trainers:
+        result = work / f"{name}.json"
+        cmd = [sys.executable, "-m", "bot.cli", "bench", "training", "--worker", name, "--base", base,
+               "--data", data, "--steps", str(args.steps), "--micro-batch-size", str(args.micro_batch_size),
+               "--grad-accum", str(args.grad_accum), "--device", args.device, "--result", str(result)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise RuntimeError(f"trainer {name!r} failed (exit {proc.returncode})")
+        r = json.loads(result.read_text())
+        figures["trainers"][name] = r
+        pad = 1 - r["tokens"] / r["padded_tokens"] if r["padded_tokens"] else 0.0
+        print(f"{name:<16} {r['tokens_per_s']:>9,.0f} tokens/s  {r['wall_s']:7.1f} s  {r['tokens']:>8,} tokens "
+              f"(padding {100 * pad:4.1f}%)  peak memory {r['peak_memory_bytes'] / 2**20:,.0f} MiB  "
+              f"final loss {r['final_loss']:.3f}  [{r['device']}]")
+    t = figures["trainers"]
+    if "ours" in t:
+        for ref in ("trainer", "trainer-grouped"):
+            if ref in t:
+                ratio = t["ours"]["tokens_per_s"] / t[ref]["tokens_per_s"]
+                figures[f"speedup_vs_{ref}"] = ratio
+                print(f"models.finetune vs {ref}: {ratio:.2f}x tokens/s")
+    if args.report:
+        Path(args.report).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
