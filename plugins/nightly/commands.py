@@ -127,6 +127,9 @@ async def _rollback() -> str:
         withdrawn, now = await runtime.db(roll)
     except registry.RegistryError as exc:
         return f"not rolled back: {exc}"
+    old = f"v{withdrawn.id} withdrawn; " if withdrawn else ""
+    if not runtime.serves_local_models():
+        return f"registry rolled back: {old}v{now.id} serving (not loaded: COREFBOT_RESOLVER is not llama-cpp)"
     try:
         await get_service().swap_model(now.gguf_path)
     except Exception as exc:  # noqa: BLE001 - the registry changed; say plainly that the model did not
@@ -134,7 +137,6 @@ async def _rollback() -> str:
         return (f"registry rolled back to v{now.id}, but loading {now.gguf_path} failed ({exc}); "
                 f"the bot still serves {runtime.loaded_model_path() or 'its previous model'}")
     runtime.mark_served(now.id)
-    old = f"v{withdrawn.id} withdrawn; " if withdrawn else ""
     return f"rolled back: {old}now serving v{now.id} ({_f1(now)})"
 
 

@@ -73,11 +73,19 @@ def loaded_model_path() -> str | None:
     return str(path) if path else None
 
 
+def serves_local_models() -> bool:
+    """False when the operator chose another backend explicitly (COREFBOT_RESOLVER=rules or http): then
+    registry changes are recorded but never loaded into the bot."""
+    from plugins.resolver.handlers import config as resolver_config
+
+    return resolver_config.corefbot_resolver in (None, "llama-cpp")
+
+
 async def follow_registry() -> str:
     """Serve the registry's serving version if the bot is not serving it yet. Returns a sentence for
     the moderators when something happened (swapped, or the swap failed), else ""."""
     global _served_version
-    if not config.corefbot_nightly_follow_registry:
+    if not config.corefbot_nightly_follow_registry or not serves_local_models():
         return ""
     from plugins.resolver import get_service
 
