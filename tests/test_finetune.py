@@ -172,3 +172,50 @@ def test_run_writes_a_self_describing_folder(tiny_hf: Path, tmp_path: Path) -> N
     assert held and manifest["trained_on"]["examples"] == len(split.train)
     assert not held & set(manifest["split_ids"]["train"])
     assert metrics["train"]["steps"] == 4
+
+
+def test_selection_scores_and_top_share() -> None:
+    import math
+
+    from models.selection import ifd, learnability, top_share
+
+    assert learnability(2.0, 0.5) == pytest.approx(0.75)
+    assert learnability(2.0, 3.0) == pytest.approx(-0.5)
+    assert ifd(1.0, 2.0) == pytest.approx(0.5) and ifd(3.0, 2.0) > 1
+    exs = chat_examples(10)
+    scores = {e.id: float(i) for i, e in enumerate(exs)}
+    assert [e.id for e in top_share(exs, scores, 0.3)] == ["e7", "e8", "e9"]
+    scores["e8"] = math.nan
+    kept = top_share(exs, scores, 0.3, drop_above=8.5)  # e9 is above the cap, e8 unscored
+    assert [e.id for e in kept] == ["e5", "e6", "e7"]
+    with pytest.raises(ValueError, match="share"):
+        top_share(exs, scores, 0.0)
+
+
+@pytest.mark.slow
+def test_select_ifd_trains_on_the_top_share_and_reports(tiny_hf: Path, tmp_path: Path) -> None:
+    import math
+
+    from models.finetune import run
+    from models.hf_eval import load_model
+    from models.selection import answer_losses
+
+    exs = chat_examples(60, seed=5)
+    model, tok = load_model(tiny_hf)
+    given = answer_losses(model, tok, exs[:6], seed=0)
+    alone = answer_losses(model, tok, exs[:6], seed=0, with_instruction=False)
+    assert set(given) == set(alone) == {e.id for e in exs[:6]}
+    assert all(math.isfinite(v) and v > 0 for v in [*given.values(), *alone.values()])
+
+    data = write_unified(tmp_path / "labels.jsonl", exs)
+    config = load_preset("tiny", max_steps=3, eval_max_examples=8, eval_rewrites=False)
+    result = run(tiny_hf, data, tmp_path / "run", config, select="ifd", keep=0.5, progress=False)
+    sel = result.metrics["selection"]
+    manifest = json.loads((result.out / "manifest.json").read_text())
+    n_train = len(manifest["split_ids"]["train"])
+    assert sel["method"] == "ifd" and sel["candidates"] == n_train
+    assert sel["kept"] == min(round(0.5 * n_train), n_train - sel["dropped_ifd_over_1"])
+    assert manifest["trained_on"]["examples"] == sel["kept"]
+    assert isinstance(sel["helped"], bool) and sel["f1_change"] == pytest.approx(sel["selected_f1"] - sel["full_f1"])
+    rows = list(csv.DictReader(open(result.out / "selection" / "ifd_scores.csv")))
+    assert len(rows) == n_train and sum(int(r["kept"]) for r in rows) == sel["kept"]
