@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from pipeline.labels import effective_labels
+from pipeline.labels import PRIORITY, LabelRow, effective_labels
 from pipeline.prompt import balanced_orders, build_prompt, target
 from pipeline.records import AlpacaRow, Example, Merged, Record, Turn, WindowItem
 from pipeline.store import Store, pseudonym
@@ -65,6 +65,7 @@ def iter_records(store: Store, window: int = DEFAULT_WINDOW) -> Iterator[Record]
 def store_examples(store: Store, window: int = DEFAULT_WINDOW, *, use_member: bool = True) -> list[Example]:
     """The labelled questions (needs / not needed) with their windows, senders pseudonymised."""
     labels = effective_labels(store, use_member=use_member)
+    rewrites = _needs_rewrites(store, use_member=use_member)
     name = _Pseudonyms(store)
     examples = []
     for merged, previous in with_windows(_visible(store), window):
@@ -75,9 +76,27 @@ def store_examples(store: Store, window: int = DEFAULT_WINDOW, *, use_member: bo
             id=merged.id, conversation=conversation_of(merged),
             window=tuple(Turn(name(p), p.text, p.timestamp) for p in previous),
             question=Turn(name(merged), merged.text, merged.timestamp),
-            label=label.label, rewrite=label.rewrite if label.label == "needs" else None,  # type: ignore[arg-type]
+            label=label.label, rewrite=_rewrite(label, rewrites) if label.label == "needs" else None,  # type: ignore[arg-type]
         ))
     return examples
+
+
+def _needs_rewrites(store: Store, *, use_member: bool) -> dict[str, str]:
+    """A rewrite some source gave with "needs", per question, by priority: a moderator who confirms "needs"
+    without typing a rewrite keeps the one a member confirmed (or an import carried)."""
+    out: dict[str, str] = {}
+    for source in PRIORITY:
+        if source == "member" and not use_member:
+            continue
+        for merged_id, rewrite in store.db.conn.execute(
+                "SELECT merged_id, rewrite FROM labels WHERE source = ? AND label = 'needs' AND rewrite IS NOT NULL "
+                "AND rewrite != ''", (source,)):
+            out.setdefault(merged_id, rewrite)
+    return out
+
+
+def _rewrite(label: LabelRow, rewrites: dict[str, str]) -> str | None:
+    return label.rewrite or rewrites.get(label.merged_id)
 
 
 def label_sources(store: Store, *, use_member: bool = True) -> dict[str, str]:

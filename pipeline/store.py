@@ -139,8 +139,14 @@ def _m6_nightly_runs(db: sqlite_utils.Database) -> None:
     db["nightly_runs"].create_index(["status"])
 
 
+def _m7_decisions_margin_index(db: sqlite_utils.Database) -> None:
+    # The review queue walks decisions by margin (smallest first) and stops at the first eligible question.
+    db["decisions"].create_index(["margin"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_labels_models, _m3_model_versions_promotion,
-                                                        _m4_outbox, _m5_label_prompts_items, _m6_nightly_runs]
+                                                        _m4_outbox, _m5_label_prompts_items, _m6_nightly_runs,
+                                                        _m7_decisions_margin_index]
 
 
 def connect(path: str | Path) -> sqlite_utils.Database:

@@ -201,3 +201,33 @@ def test_forget_member_leaves_nothing_in_database_or_exports(store: Store, tmp_p
     for text in (records, alpaca):
         assert pseudonym(salt, "onebotv11", "alice") not in text and "mobile phones" not in text
     assert "TX2" in records and "TX2" in alpaca  # the others' data is still there
+
+
+def test_alpaca_export_moderator_first_member_optional_rewrite_kept(store: Store, tmp_path) -> None:
+    chatter(store, 3, NOON)
+    q1 = question(store, 1, "alice", "BTW, how to deploy it on TX2?", NOON + 1)
+    q2 = question(store, 2, "bob", "is it fast?", NOON + 2)
+    q3 = question(store, 3, "carol", "那个怎么装？", NOON + 3)
+    set_label(store, q1.id, "needs", "member", labeler="alice", rewrite="How to deploy mmpose on TX2?")
+    set_label(store, q1.id, "needs", "moderator", labeler="m")  # confirms without typing a rewrite
+    set_label(store, q2.id, "needs", "member", labeler="bob", rewrite="is mmpose fast?")
+    set_label(store, q2.id, "not_needed", "moderator", labeler="m")  # overrides the member
+    set_label(store, q3.id, "needs", "member", labeler="carol", rewrite="mmpose 怎么装？")
+
+    def export(use_member: bool):
+        out = tmp_path / f"a-{use_member}.json"
+        manifest = write_alpaca(store, out, use_member=use_member)
+        rows = {r["meta"]["id"]: r for r in json.loads(out.read_text(encoding="utf-8"))}
+        return manifest, rows
+
+    manifest, rows = export(True)
+    assert {k: (r["meta"]["label"], r["meta"]["rewrite"]) for k, r in rows.items()} == {
+        q1.id: ("needs", "How to deploy mmpose on TX2?"), q2.id: ("not_needed", None),
+        q3.id: ("needs", "mmpose 怎么装？")}
+    assert rows[q1.id]["output"].endswith("\nHow to deploy mmpose on TX2?")
+    assert manifest.sources == {"moderator": 2, "member": 1} and manifest.labels == {"needs": 2, "not_needed": 1}
+    assert json.loads((tmp_path / "a-True.json.manifest.json").read_text())["member_labels"] is True
+    manifest, rows = export(False)
+    assert {k: (r["meta"]["label"], r["meta"]["rewrite"]) for k, r in rows.items()} == {
+        q1.id: ("needs", None), q2.id: ("not_needed", None)}
+    assert manifest.sources == {"moderator": 2} and manifest.member_labels is False

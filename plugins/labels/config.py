@@ -25,6 +25,9 @@ class Config(BaseModel):
     corefbot_labels_tz: str = ""  # IANA zone for quiet hours and "today"/"this week"; "" = server's local time
     corefbot_labels_expire_s: float = 1800.0  # a prompt takes answers this long
     corefbot_labels_lang: Literal["en", "zh"] = "en"  # language of the prompts
+    # wall: limits, quiet hours and expiry read the server's clock; event: the triggering message's own time,
+    # so a replayed chat (benchmarks) meets the limits as it would have live.
+    corefbot_labels_clock: Literal["wall", "event"] = "wall"
 
     # -- moderator review --
     corefbot_labels_random_share: float = 0.2  # share of /label next picks drawn at random (not by margin)

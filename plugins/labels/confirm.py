@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import nonebot
 from nonebot import get_driver, logger
 
-from pipeline.labels import answer_prompt, prompt_sent, reserve_prompt, wants_confirmation
+from pipeline.labels import answer_prompt, parse_answer, prompt_sent, reserve_prompt, wants_confirmation
 from pipeline.records import message_key
 from plugins.chatlog import Update, get_recorder
 from plugins.chatlog.capture import platform_of
@@ -49,7 +49,7 @@ async def on_resolution(update: Update, resolution: "Resolution") -> None:
     merged = update.merged
     if not wants_confirmation(resolution.decision, resolution.rewrite, resolution.margin, runtime.limits):
         return
-    t = runtime.now()
+    t = runtime.now(update.message.timestamp)
     reading, rewrite = resolution.decision, resolution.rewrite
     reserved = await runtime.db(lambda store: reserve_prompt(store, merged, reading, rewrite, t, runtime.limits))
     if isinstance(reserved, str):
@@ -74,9 +74,9 @@ async def on_resolution(update: Update, resolution: "Resolution") -> None:
 async def on_message_stored(update: Update) -> None:
     """The chatlog listener: a 1/2/3 from a prompted author becomes their member label."""
     message = update.message
-    if message.from_self or len(message.text) > 40:
-        return
-    t = runtime.now()
+    if message.from_self or parse_answer(message.text) is None:
+        return  # most messages: decided here, without a trip to the writer
+    t = runtime.now(message.timestamp)
     answered = await runtime.db(lambda store: answer_prompt(
         store, platform=message.platform, group=message.group, sender=message.sender, text=message.text,
         reply_to=message.reply_to, now=t))

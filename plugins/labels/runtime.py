@@ -19,7 +19,10 @@ limits: ConfirmLimits = config.limits()
 clock: Callable[[], float] = time.time
 
 
-def now() -> float:
+def now(event_time: float | None = None) -> float:
+    """The time limits and expiry are judged at: the clock, or the message's time with COREFBOT_LABELS_CLOCK=event."""
+    if event_time is not None and config.corefbot_labels_clock == "event":
+        return event_time
     return clock()
 
 
