@@ -226,12 +226,23 @@ class ResolverService:
         window = [turn(m) for m in update.window]
         group_key = f"{merged.platform}:{merged.group}"
         if merged.id in self._handling:
-            self._recheck[merged.id] = update  # looked at again once the current decision is recorded
+            self._recheck[merged.id] = update  # looked at again once the current look is over
             return
         if merged.from_self or not merged.is_question:
             # Keep the backend's per-group state warm for the group's next question.
             self._observe(group_key, [*window, turn(merged)])
             return
+        self._handling.add(merged.id)  # claimed before the first await: one look at a run at a time
+        try:
+            await self._look(update, window, group_key)
+        finally:
+            self._handling.discard(merged.id)
+        self._observe(group_key, [*window, turn(merged)])
+        if (later := self._recheck.pop(merged.id, None)) is not None:
+            await self._handle(later)  # e.g. a line that @-mentions the bot arrived meanwhile
+
+    async def _look(self, update: "Update", window: list[Turn], group_key: str) -> None:
+        merged = update.merged
         bots = self._bot_ids()
         reply_key = message_key(merged.platform, merged.group, merged.reply_to) if merged.reply_to else None
 
@@ -247,22 +258,13 @@ class ResolverService:
         mentioned = bool(bots & set(merged.mentions))
         addressed = self.options.reply_mode == "all" or mentioned or reply_to_bot
         if queued or (decided and not addressed) or (not addressed and not self.options.resolve_all):
-            self._observe(group_key, [*window, turn(merged)])
             return
         if not addressed and self._worker_thread.pending(BACKGROUND) >= self.options.max_background:
             # Busy: questions nobody put to the bot are recorded for the labels only when there is time.
             log.info("resolver busy (%d questions waiting); not resolving unaddressed %s", self.options.max_background,
                      merged.id)
-            self._observe(group_key, [*window, turn(merged)])
             return
-        self._handling.add(merged.id)
-        try:
-            await self._decide(update, window, group_key, addressed, bots)
-        finally:
-            self._handling.discard(merged.id)
-        self._observe(group_key, [*window, turn(merged)])
-        if (later := self._recheck.pop(merged.id, None)) is not None:
-            await self._handle(later)  # e.g. a line that @-mentions the bot arrived while this one was decided
+        await self._decide(update, window, group_key, addressed, bots)
 
     async def _decide(self, update: "Update", window: list[Turn], group_key: str, addressed: bool,
                       bots: set[str]) -> None:
