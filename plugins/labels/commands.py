@@ -42,7 +42,8 @@ class Session:
 
 
 _sessions: dict[tuple[str, str | None, str], Session] = {}
-handler_ms: list[float] = []  # per command, for the benchmark
+handler_ms: list[float] = []  # per command, event in → reply sent (benchmark)
+db_ms: list[float] = []  # of which the database work on the writer, queueing included
 
 
 async def is_moderator(bot: Bot, event: Event) -> bool:
@@ -160,7 +161,14 @@ async def _label_command(bot: Bot, event: Event, matcher: Matcher, arg: Message 
             return _next(store, session, scope, done + "\nnext: ")
         return USAGE
 
-    await _reply(matcher, bot, event, await runtime.db(work), started)
+    await _reply(matcher, bot, event, await _timed_db(work), started)
+
+
+async def _timed_db(work) -> str:
+    started = time.perf_counter()
+    text = await runtime.db(work)
+    db_ms.append((time.perf_counter() - started) * 1000)
+    return text
 
 
 def _rewrite(text: str | None) -> str | None:
@@ -216,11 +224,11 @@ async def _bare(bot: Bot, event: Event, matcher: Matcher) -> None:
         done = _label(store, session.current, letter, None, user, at)
         return _next(store, session, scope, done + "\nnext: ")
 
-    await _reply(matcher, bot, event, await runtime.db(work), started)
+    await _reply(matcher, bot, event, await _timed_db(work), started)
 
 
 @get_driver().on_shutdown
 async def _write_timings() -> None:
     path = runtime.config.corefbot_labels_timings_file
     if path and handler_ms:
-        path.write_text(json.dumps({"handler_ms": handler_ms}))
+        path.write_text(json.dumps({"handler_ms": handler_ms, "db_ms": db_ms}))
