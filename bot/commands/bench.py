@@ -8,6 +8,7 @@ import importlib
 BENCHES = {
     "pipeline": "bot.bench.pipeline",  # import, batch pipeline, live capture (issue 2)
     "nightly": "bot.bench.nightly",  # wall time of the nightly retraining job on N labels (issue 5)
+    "labels": "bot.bench.labels",  # bot messages per 1,000 group messages, /label review latency (issue 4)
     "training": "bot.bench.training",  # LoRA tokens/s: models.finetune vs Trainer+peft, peak memory (issue 5)
     "resolver": "bot.bench.resolver",  # llama-cpp resolver latency: naive vs per-group prefill, RSS (issue 3)
     "forward": "bot.bench.forward",  # resolver plugin: question -> assistant -> reply through the real bot (issue 3)
