@@ -114,7 +114,8 @@ async def test_refused_for_members_and_nothing_changes(app: App, clock) -> None:
     audit_before = await db(lambda s: s.count("label_audit"))
     async with app.test_matcher() as ctx:
         bot = make_bot(ctx)
-        for text in ("/label next", f"/label {n} a", "/label undo", "/label stats"):
+        for text in ("/label next", f"/label {n} a", "/label undo", "/label stats", "/label skip", f"/label show {n}",
+                     "/label a", "/label nonsense"):
             event = group_message(text, group=601, user=40002, role="member")
             ctx.receive_event(bot, event)
             ctx.should_call_send(event, "Only moderators can label.", result={"message_id": 1})
@@ -364,3 +365,31 @@ async def test_optout_optin_and_forgetme(app: App, clock) -> None:
     assert ("40091", "one more thing") in runs and not any("Orin" in t or "TX2" in t for _, t in runs)
     assert "Orin board" not in dump and "mmpose works now" not in dump
     assert "great, which version?" in dump
+
+
+async def test_private_chat_superuser_reviews_every_group_others_refused(app: App, clock) -> None:
+    from nonebot.adapters.onebot.v11 import PrivateMessageEvent
+    from nonebot.adapters.onebot.v11.event import Sender
+
+    ids = await db(seed(612, [("40101", "does it support the Orin NX?", 0.0)]))
+    n = await db(item_of(ids[0]))
+
+    def private(text: str, user: int) -> PrivateMessageEvent:
+        message = Message(text)
+        return PrivateMessageEvent(time=int(NOON), self_id=10000, post_type="message", sub_type="friend",
+                                   user_id=user, message_type="private", message_id=int(time.time_ns() % 1_000_000),
+                                   message=message, original_message=message, raw_message=text, font=0,
+                                   sender=Sender(user_id=user, nickname="x"), to_me=True)
+
+    async with app.test_matcher() as ctx:
+        bot = make_bot(ctx)
+        event = private("/label next", 40102)  # a group admin elsewhere has no role in a private chat
+        ctx.receive_event(bot, event)
+        ctx.should_call_send(event, "Only moderators can label.", result={"message_id": 11})
+        event = private(f"/label show {n}", 90001)
+        ctx.receive_event(bot, event)
+        ctx.should_call_send(event, Like(rf"^#{n} · group 612\n.*Orin NX"), result={"message_id": 12})
+        event = private(f"/label {n} b", 90001)
+        ctx.receive_event(bot, event)
+        ctx.should_call_send(event, Like(rf"^✓ #{n} not_needed"), result={"message_id": 13})
+    assert await db(labels(ids[0])) == {"moderator": "not_needed"}
