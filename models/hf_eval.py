@@ -173,6 +173,43 @@ def option_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, ma
     return out
 
 
+def shared_prefix_logprobs(model: Any, tokenizer: Any, groups: Sequence[Sequence[Prompt]], *,
+                           progress: bool = False) -> list[list[tuple[float, float, float]]]:
+    """Like :func:`option_logprobs` for groups of prompts that differ only near the end (one example
+    in several option orders): the common token prefix is computed once per group and its key/value
+    cache reused by every member, so six orders cost little more than one."""
+    import torch
+    from tqdm import tqdm
+
+    letters = torch.tensor(letter_ids(tokenizer))
+    body, head = decoder_and_head(model)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[list[tuple[float, float, float]]] = []
+    with torch.inference_mode():
+        for group in tqdm(groups, desc="scoring", unit="example", disable=not progress, leave=False):
+            encoded = [encode(tokenizer, p.chatml())[0] for p in group]
+            n = min(len(e) for e in encoded) - 1  # every member keeps at least one token of its own
+            for k in range(n):
+                if any(e[k] != encoded[0][k] for e in encoded):
+                    n = k
+                    break
+            prefix = torch.tensor([encoded[0][:n]], device=device)
+            cache = body(input_ids=prefix, use_cache=True).past_key_values if n else None
+            if cache is not None:
+                cache.batch_repeat_interleave(len(group))
+            tails = [e[n:] for e in encoded]
+            ids, mask = pad(tails, pad_id, str(device))
+            full_mask = torch.cat([torch.ones((len(group), n), dtype=mask.dtype, device=device), mask], dim=1)
+            positions = (n + torch.arange(ids.shape[1], device=device)).unsqueeze(0).expand(len(group), -1)
+            hidden = body(input_ids=ids, attention_mask=full_mask, position_ids=positions,
+                          past_key_values=cache, use_cache=cache is not None).last_hidden_state
+            last = hidden[torch.arange(len(group), device=device), mask.sum(1) - 1]
+            logp = torch.log_softmax(head(last).float(), dim=-1)[:, letters.to(device)].cpu()
+            out.append([tuple(row.tolist()) for row in logp])  # type: ignore[misc]
+    return out
+
+
 def decide(prompt: Prompt, logps: Sequence[float]) -> Decision:
     return prompt.order[max(range(len(LETTERS)), key=lambda k: logps[k])]
 
@@ -252,7 +289,12 @@ def evaluate_decisions(model: Any, tokenizer: Any, examples: Sequence[Example],
     if not examples:
         raise ValueError("no examples to evaluate")
     prompts = [build_prompt(e.window, e.question, o) for o in orders for e in examples]
-    logps = option_logprobs(model, tokenizer, prompts, progress=progress, max_batch=max_batch)
+    if len(orders) > 1:
+        per_example = [[build_prompt(e.window, e.question, o) for o in orders] for e in examples]
+        by_example = shared_prefix_logprobs(model, tokenizer, per_example, progress=progress)
+        logps = [by_example[i][k] for k in range(len(orders)) for i in range(len(examples))]
+    else:
+        logps = option_logprobs(model, tokenizer, prompts, progress=progress, max_batch=max_batch)
     predicted: dict[Order, list[Decision]] = {}
     for k, (p, lp) in enumerate(zip(prompts, logps)):
         predicted.setdefault(p.order, []).append(decide(p, lp))

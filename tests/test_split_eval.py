@@ -110,3 +110,17 @@ def test_real_model_decisions_over_all_orders(tiny_hf: Path) -> None:
     single = option_logprobs(model, tok, [build_prompt(exs[0].window, exs[0].question)], max_batch=1)
     assert single[0] == pytest.approx(logps[0], abs=1e-4)
     assert LETTERS == "ABC"
+
+
+def test_shared_prefix_scoring_equals_plain_scoring(tiny_hf: Path) -> None:
+    """Reusing one example's prompt prefix across its six orders changes no log-prob."""
+    from models.hf_eval import load_model, option_logprobs, shared_prefix_logprobs
+
+    model, tok = load_model(tiny_hf)
+    exs = _examples(3, 2)
+    groups = [[build_prompt(e.window, e.question, o) for o in ALL_ORDERS] for e in exs]
+    shared = [lp for g in shared_prefix_logprobs(model, tok, groups) for lp in g]
+    plain = option_logprobs(model, tok, [p for g in groups for p in g])
+    assert len(shared) == len(plain) == 6 * len(exs)
+    for a, b in zip(shared, plain):
+        assert a == pytest.approx(b, abs=1e-4)
