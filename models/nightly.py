@@ -64,6 +64,7 @@ class NightlyConfig:
     use_member_labels: bool = True
     window: int = 12
     force: bool = False  # ignore min_new_labels (a moderator's /model retrain)
+    keep_runs: int = 5  # newest run folders kept; older ones go unless a serving/retired/candidate version uses them
     n_threads: int | None = None  # llama.cpp threads for the agreement check
     trigger: str = "manual"  # who started it: schedule, cli, moderator:<id>
     progress: bool = False  # tqdm bars on stderr
@@ -223,6 +224,29 @@ def recent_runs(store: Any, limit: int = 10) -> list[RunRow]:
     return [RunRow(r[0], r[1], r[2], r[3], r[4] or "", r[5] or "", r[6]) for r in rows]
 
 
+def prune_runs(work: str | Path, store: Any, keep: int) -> list[Path]:
+    """Delete run folders older than the newest ``keep``, except those a serving, retired (a rollback
+    target) or candidate version points at. Returns the folders deleted."""
+    import shutil
+
+    from models import registry
+
+    runs_dir = Path(work) / "runs"
+    if not runs_dir.is_dir():
+        return []
+    runs = sorted(p for p in runs_dir.iterdir() if p.is_dir())  # names start with a sortable timestamp
+    used = {Path(v.run_dir).resolve() for v in registry.history(store, limit=1_000_000)
+            if v.run_dir and v.status in ("serving", "retired", "candidate")}
+    gone = []
+    for folder in runs[: max(0, len(runs) - keep)]:
+        if folder.resolve() not in used:
+            shutil.rmtree(folder)
+            gone.append(folder)
+    if gone:
+        log.info("nightly: removed %d old run folder(s) from %s", len(gone), runs_dir)
+    return gone
+
+
 # ---- the job ------------------------------------------------------------------------------------
 
 @dataclass
@@ -287,6 +311,11 @@ def run_nightly(db_path: str | Path, config: NightlyConfig, *, on_step: StepHook
                                       reason=f"failed at {state.step}", error=error)
             _finish_row(store, state.run_id, report,
                         state.label_cutoff if report.status in ("promoted", "rejected") else None)
+            if report.run_dir:
+                try:
+                    prune_runs(work, store, config.keep_runs)
+                except OSError as exc:  # disk housekeeping must not turn a good run into a failed one
+                    log.warning("nightly: could not prune old run folders in %s: %s", work / "runs", exc)
             return report
         finally:
             store.close()

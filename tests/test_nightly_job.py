@@ -186,9 +186,35 @@ def test_nightly_end_to_end_promote_skip_refuse_and_crash(tmp_path: Path, tiny_h
         if step == "register":
             raise RuntimeError("power cut")
 
-    fourth = run_nightly(db, NightlyConfig(**base, margin=-1.0, force=True), on_step=crash)
+    fourth = run_nightly(db, NightlyConfig(**base, margin=-1.0, force=True, keep_runs=1), on_step=crash)
     assert fourth.status == "failed" and fourth.failed_step == "register" and "power cut" in fourth.error
     assert list(Path(fourth.run_dir).glob("model-*.gguf"))  # the candidate was built…
     assert read(db, registry.serving).id == serving.id and sha(serving.gguf_path) == serving_sha  # …and not served
     assert {v.gguf_path for v in read(db, registry.history)} == {serving.gguf_path, ""}
     assert [r.status for r in read(db, recent_runs)] == ["failed", "rejected", "skipped", "promoted"]
+    # Housekeeping kept the newest folder and the serving one; the rejected candidate's folder is gone.
+    assert sorted((tmp_path / "nightly" / "runs").iterdir()) == sorted([Path(first.run_dir), Path(fourth.run_dir)])
+
+
+def test_prune_keeps_the_newest_and_what_the_registry_may_serve(tmp_path: Path) -> None:
+    from models.nightly import prune_runs
+
+    store = Store(tmp_path / "bot.db")
+    try:
+        runs = tmp_path / "nightly" / "runs"
+        names = [f"2026110{d}-033000-run{d}" for d in range(1, 7)]
+        for name in names:
+            (runs / name).mkdir(parents=True)
+            (runs / name / "model-q4_k_m.gguf").write_bytes(b"GGUF")
+        for name, status in ((names[0], "retired"), (names[1], "serving"), (names[2], "rolled_back"),
+                             (names[3], "rejected")):
+            registry.register(store, gguf_path=runs / name / "model-q4_k_m.gguf", run_dir=runs / name,
+                              status="candidate")
+            store.db.conn.execute("UPDATE model_versions SET status = ? WHERE run_dir = ?", (status, str(runs / name)))
+            store.db.conn.commit()
+        gone = prune_runs(tmp_path / "nightly", store, keep=2)
+        assert sorted(p.name for p in gone) == [names[2], names[3]]
+        assert sorted(p.name for p in runs.iterdir()) == [names[0], names[1], names[4], names[5]]
+        assert prune_runs(tmp_path / "nightly", store, keep=2) == []
+    finally:
+        store.close()

@@ -2,7 +2,7 @@
 
 Settings not given as options come from the same ``COREFBOT_*`` keys the bot reads (environment or
 ``.env``): COREFBOT_BASE_MODEL, COREFBOT_NIGHTLY_DIR, COREFBOT_NIGHTLY_PRESET, COREFBOT_NIGHTLY_MIN_NEW_LABELS,
-COREFBOT_NIGHTLY_MARGIN, COREFBOT_NIGHTLY_QUANT, COREFBOT_NIGHTLY_MIN_AGREEMENT.
+COREFBOT_NIGHTLY_MARGIN, COREFBOT_NIGHTLY_QUANT, COREFBOT_NIGHTLY_MIN_AGREEMENT, COREFBOT_NIGHTLY_KEEP_RUNS.
 
 Exit status of ``--now``: 0 the job ran (promoted, kept the serving model, or skipped), 1 it failed
 (the serving model is unchanged), 3 another run holds the lock.
@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="quantized-vs-merged decision agreement needed to promote (default 0.9)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides the preset)")
     p.add_argument("--eval-max-examples", type=int, help="cap on evaluated test examples (overrides the preset)")
+    p.add_argument("--keep-runs", type=int,
+                   help="run folders kept (default 5; older ones go unless the registry still serves or may roll back to them)")
     p.add_argument("--force", action="store_true", help="train even with too few new labels")
     p.add_argument("--no-member-labels", action="store_true", help="train on moderator and imported labels only")
     p.add_argument("--threads", type=int, help="llama.cpp threads for the agreement check")
@@ -75,6 +77,7 @@ def config_from(args: argparse.Namespace) -> Any:
         "margin": pick(args.margin, "COREFBOT_NIGHTLY_MARGIN", float),
         "quant": pick(args.quant, "COREFBOT_NIGHTLY_QUANT", str),
         "min_agreement": pick(args.min_agreement, "COREFBOT_NIGHTLY_MIN_AGREEMENT", float),
+        "keep_runs": pick(args.keep_runs, "COREFBOT_NIGHTLY_KEEP_RUNS", int),
     }
     if values["quant"] not in (None, "q4_k_m", "q8_0"):
         raise ValueError(f"COREFBOT_NIGHTLY_QUANT={values['quant']!r}: choose q4_k_m or q8_0")

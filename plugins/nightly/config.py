@@ -18,6 +18,7 @@ class Config(BaseModel):
     corefbot_nightly_margin: float = 0.01  # test F1 gain (fraction) needed to promote
     corefbot_nightly_quant: Literal["q4_k_m", "q8_0"] = "q4_k_m"
     corefbot_nightly_min_agreement: float = 0.9  # quantized-vs-merged decision agreement needed to promote
+    corefbot_nightly_keep_runs: int = 5  # run folders kept (plus any the registry serves or may roll back to)
     corefbot_nightly_dir: Path | None = None  # run folders + lock; default "nightly" beside the database
     corefbot_nightly_args: str = ""  # extra `corefbot nightly` options, e.g. "--max-steps 400"
 

@@ -66,7 +66,8 @@ def job_argv(config: Config, db_path: str | Path, *, trigger: str, force: bool =
             "--trigger", trigger, "--preset", config.corefbot_nightly_preset,
             "--min-new-labels", str(config.corefbot_nightly_min_new_labels),
             "--margin", str(config.corefbot_nightly_margin), "--quant", config.corefbot_nightly_quant,
-            "--min-agreement", str(config.corefbot_nightly_min_agreement)]
+            "--min-agreement", str(config.corefbot_nightly_min_agreement),
+            "--keep-runs", str(config.corefbot_nightly_keep_runs)]
     if config.corefbot_base_model:
         argv += ["--base", str(config.corefbot_base_model)]
     if config.corefbot_nightly_dir:
