@@ -393,3 +393,27 @@ async def test_private_chat_superuser_reviews_every_group_others_refused(app: Ap
         ctx.receive_event(bot, event)
         ctx.should_call_send(event, Like(rf"^✓ #{n} not_needed"), result={"message_id": 13})
     assert await db(labels(ids[0])) == {"moderator": "not_needed"}
+
+
+async def test_item_on_screen_whose_author_forgot_themselves_is_not_labelled(app: App, clock) -> None:
+    from pipeline.labels import forget_member
+
+    ids = await db(seed(7413, [("40111", "how to flash it onto the board?", 0.0), ("40112", "why does it hang?", 0.5)]))
+    n0 = await db(item_of(ids[0]))
+    async with app.test_matcher() as ctx:
+        bot = make_bot(ctx)
+        e1 = group_message("/label next", group=7413, user=40110, role="admin")
+        ctx.receive_event(bot, e1)
+        ctx.should_call_send(e1, Like(rf"^#{n0} "), result={"message_id": 14})
+    await db(lambda s: forget_member(s, PLATFORM, "40111"))
+    async with app.test_matcher() as ctx:
+        bot = make_bot(ctx)
+        e2 = group_message("a", group=7413, user=40110, role="admin")
+        ctx.receive_event(bot, e2)
+        ctx.should_call_send(e2, Like(r"^that question is no longer stored.*\nnext: .*why does it hang"),
+                             result={"message_id": 15})
+        e3 = group_message(f"/label {n0} a", group=7413, user=40110, role="admin")
+        ctx.receive_event(bot, e3)
+        ctx.should_call_send(e3, Like(rf"^no item #{n0} here"), result={"message_id": 16})
+    assert await db(lambda s: s.db.conn.execute("SELECT count(*) FROM labels WHERE merged_id = ?",
+                                                (ids[0],)).fetchone()[0]) == 0

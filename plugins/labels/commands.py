@@ -99,6 +99,8 @@ def _next(store: Store, session: Session, scope: Scope, header: str = "") -> str
 
 
 def _label(store: Store, merged_id: str, letter: str, rewrite: str | None, labeler: str, at: float) -> str:
+    if store.get_merged(merged_id) is None:
+        return "that question is no longer stored (its author used /forgetme)"
     label = LETTER_LABEL[letter]
     if label != "needs":
         rewrite = None  # a rewrite only means something for a question that needs one
