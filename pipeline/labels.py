@@ -75,8 +75,14 @@ def item_id(store: Store, merged_id: str) -> int:
     row = conn.execute("SELECT id FROM label_items WHERE merged_id = ?", (merged_id,)).fetchone()
     if row:
         return row[0]
+    # Never reuse a number (rows go with /forgetme): an old id typed later must not name another question.
     with conn:
-        return conn.execute("INSERT INTO label_items (merged_id) VALUES (?)", (merged_id,)).lastrowid
+        last = conn.execute("SELECT value FROM meta WHERE key = 'label_items_last'").fetchone()
+        top = conn.execute("SELECT max(id) FROM label_items").fetchone()[0] or 0
+        new = max(top, int(last[0]) if last else 0) + 1
+        conn.execute("INSERT INTO label_items (id, merged_id) VALUES (?, ?)", (new, merged_id))
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('label_items_last', ?)", (str(new),))
+        return new
 
 
 def merged_of_item(store: Store, item: int) -> str | None:

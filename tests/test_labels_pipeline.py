@@ -50,6 +50,9 @@ def test_item_ids_are_short_and_stable(store: Store) -> None:
     store.upsert_merged([replace(q, text=q.text + "\nplease")])  # an upsert changes the merged rowid
     assert item_id(store, q.id) == first and first < 100
     assert merged_of_item(store, first) == q.id and merged_of_item(store, first + 99) is None
+    forget_member(store, "onebotv11", "u1")
+    other = question(store, 2, "u2", "and on Jetson Nano?", NOON + 5)
+    assert merged_of_item(store, first) is None and item_id(store, other.id) != first  # numbers are never reused
 
 
 def test_queue_smallest_margin_first_moderated_never_back_random_share(store: Store) -> None:
