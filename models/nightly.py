@@ -433,7 +433,7 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
                                 metrics=metrics, quant=config.quant, note=f"nightly run {state.run_id}: {reason}")
     state.version_id = version.id
     registry.promote(store, version.id)
-    _step(state, "done", on_step)
+    state.step = "done"  # promoted: from here nothing may report a failure
     size_mb = exported.size_bytes / 1e6
     summary = (f"{head} Promoted as v{version.id} ({config.quant}, {size_mb:.0f} MB; quantized decisions agree "
                f"with the merged model on {_pct(state.agreement)} of test questions), replacing {serving_name}.")
