@@ -109,3 +109,48 @@ def test_member_confirms_then_moderator_overrides(tmp_path: Path) -> None:
             assert manifest.sources == {"moderator": 1}
     finally:
         store.close()
+
+
+async def forget_scenario(bot: BotProcess) -> str:
+    import time
+
+    peer = OneBotPeer(bot.ws_url)
+    await peer.connect()
+    try:
+        start = time.time() - 120
+        for k, (user, text) in enumerate(CHAT):
+            await peer.group_message(GROUP, user, text, timestamp=start + 30 * k)
+        question = await peer.group_message(GROUP, ASKER, "BTW, how to deploy it on TX2?", timestamp=time.time())
+        prompt = await wait_for(peer, lambda c: c.action == "send_group_msg" and c.reply_to == str(question))
+        await peer.group_message(GROUP, ASKER, "1", reply_to=prompt.message_id)
+        await peer.group_message(GROUP, 20002, "TX2 用 TensorRT 就行", timestamp=time.time() + 1)
+        await asyncio.sleep(0.5)
+        await peer.group_message(GROUP, ASKER, "/forgetme")
+        done = await wait_for(peer, lambda c: c.action in ("send_group_msg", "send_msg") and "deleted" in c.text)
+        return done.text
+    finally:
+        await peer.close()
+
+
+@pytest.mark.slow
+def test_forgetme_leaves_nothing_in_database_or_fresh_export(tmp_path: Path) -> None:
+    from pipeline.export import iter_records
+    from pipeline.store import pseudonym
+
+    db = tmp_path / "forget.db"
+    with BotProcess(db, env=ENV) as bot:
+        done = asyncio.run(forget_scenario(bot))
+    assert done.startswith("Done: deleted")
+    store = Store(db)
+    try:
+        rows = [str(r) for t in store.db.table_names() for r in store.db[t].rows]
+        assert [r for r in rows if str(ASKER) in r or "how to deploy it on TX2" in r] == []
+        assert any("TX2 用 TensorRT 就行" in r for r in rows)  # the others' messages are kept
+        records = json.dumps(list(iter_records(store)), ensure_ascii=False)
+        write_alpaca(store, tmp_path / "alpaca.json")
+        alpaca = (tmp_path / "alpaca.json").read_text(encoding="utf-8")
+        gone = pseudonym(store.salt(), "onebotv11", str(ASKER))
+        for text in (records, alpaca):
+            assert gone not in text and "how to deploy it on TX2" not in text
+    finally:
+        store.close()
