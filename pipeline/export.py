@@ -1,7 +1,7 @@
 """Exports: the paper's records (JSON lines) and alpaca training data (JSON list + manifest).
 
 Sender ids never leave the database as they are: every export carries salted pseudonyms, stable
-within a deployment; members who opted out appear in neither the questions nor the windows.
+within a deployment, for senders and for @-mentions in the text; members who opted out appear in neither the questions nor the windows.
 """
 from __future__ import annotations
 
@@ -32,11 +32,22 @@ class _Pseudonyms:
         self.salt = store.salt()
         self.cache: dict[tuple[str, str], str] = {}
 
-    def __call__(self, merged: Merged) -> str:
-        key = (merged.platform, merged.sender)
+    def of(self, platform: str, member: str) -> str:
+        key = (platform, member)
         if key not in self.cache:
             self.cache[key] = pseudonym(self.salt, *key)
         return self.cache[key]
+
+    def __call__(self, merged: Merged) -> str:
+        return self.of(merged.platform, merged.sender)
+
+    def text(self, merged: Merged) -> str:
+        """The text with each @-mention of a member id replaced by that member's pseudonym."""
+        text = merged.text
+        for member in merged.mentions:
+            if member and member != "all":
+                text = text.replace(f"@{member}", f"@{self.of(merged.platform, member)}")
+        return text
 
 
 def _visible(store: Store) -> Iterator[Merged]:
@@ -55,9 +66,9 @@ def iter_records(store: Store, window: int = DEFAULT_WINDOW) -> Iterator[Record]
         if not merged.is_question and label is None:
             continue
         yield Record(
-            id=merged.id, sender=name(merged), text=merged.text, timestamp=merged.timestamp,
+            id=merged.id, sender=name(merged), text=name.text(merged), timestamp=merged.timestamp,
             question_score=merged.question_score, is_question=merged.is_question,
-            cr_window=[WindowItem(sender=name(p), text=p.text, timestamp=p.timestamp) for p in previous],
+            cr_window=[WindowItem(sender=name(p), text=name.text(p), timestamp=p.timestamp) for p in previous],
             cr_need_gt=NEEDS_GT[label.label] if label else None,
         )
 
@@ -74,8 +85,8 @@ def store_examples(store: Store, window: int = DEFAULT_WINDOW, *, use_member: bo
             continue
         examples.append(Example(
             id=merged.id, conversation=conversation_of(merged),
-            window=tuple(Turn(name(p), p.text, p.timestamp) for p in previous),
-            question=Turn(name(merged), merged.text, merged.timestamp),
+            window=tuple(Turn(name(p), name.text(p), p.timestamp) for p in previous),
+            question=Turn(name(merged), name.text(merged), merged.timestamp),
             label=label.label, rewrite=_rewrite(label, rewrites) if label.label == "needs" else None,  # type: ignore[arg-type]
         ))
     return examples

@@ -59,6 +59,20 @@ def test_records_follow_the_paper_schema_with_pseudonymous_senders(store: Store)
     assert list(iter_records(store))[1]["cr_need_gt"] is True
 
 
+def test_mentions_in_text_are_pseudonymised_too(store: Store) -> None:
+    store.insert_messages([
+        Message("qq", "g1", "1", "u_lin", 1000, "Can mmpose be deployed on mobile phones?"),
+        Message("qq", "g1", "2", "u_sam", 1040, "@u_lin yes, with ncnn", mentions=("u_lin",)),
+        Message("qq", "g1", "3", "u_lin", 1080, "@u_sam how to deploy it on TX2?", mentions=("u_sam",)),
+    ])
+    build(store)
+    records = list(iter_records(store))
+    dump = json.dumps(records)
+    assert "u_lin" not in dump and "u_sam" not in dump
+    assert records[-1]["text"] == f"@{pseudonym(store.salt(), 'qq', 'u_sam')} how to deploy it on TX2?"
+    assert records[-1]["cr_window"][1]["text"].startswith(f"@{pseudonym(store.salt(), 'qq', 'u_lin')} ")
+
+
 def test_pseudonyms_are_stable_per_deployment_and_differ_across_deployments(tmp_path: Path) -> None:
     a, b = Store(tmp_path / "a.db"), Store(tmp_path / "b.db")
     for s in (a, b):

@@ -37,7 +37,8 @@ def render(message: Any) -> tuple[str, tuple[str, ...]]:
         elif seg.type == "at":
             target = str(seg.data.get("qq") or seg.data.get("user_id") or seg.data.get("target") or "")
             mentions.append(target)
-            parts.append("@all" if target == "all" else f"@{seg.data.get('name') or target}")
+            # Always the id, never a display name: exports replace "@<id>" by the member's pseudonym.
+            parts.append(f"@{target}")
         elif seg.type == "reply":
             continue  # kept as reply_to, not as text
         else:
