@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, field_validator
 
 from pipeline.labels import ConfirmLimits, parse_quiet_hours
+from plugins.settings import id_set, timezone_name
 
 
 class Config(BaseModel):
@@ -22,7 +23,7 @@ class Config(BaseModel):
     corefbot_labels_per_1000: float = 8.0  # prompts per 1,000 group messages over the last 7 days
     corefbot_labels_group_gap_s: float = 900.0  # at least this long between two prompts in a group
     corefbot_labels_quiet_hours: str = "23:00-08:00"  # local time; "" for none
-    corefbot_labels_tz: str = ""  # IANA zone for quiet hours and "today"/"this week"; "" = server's local time
+    corefbot_timezone: str = ""  # IANA zone for quiet hours and "today"/"this week"; "" = the machine's zone
     corefbot_labels_expire_s: float = 1800.0  # a prompt takes answers this long
     corefbot_labels_lang: Literal["en", "zh"] = "en"  # language of the prompts
     # wall: limits, quiet hours and expiry read the server's clock; event: the triggering message's own time,
@@ -35,15 +36,7 @@ class Config(BaseModel):
     corefbot_labels_session_s: float = 600.0  # a bare a/b/c from a moderator answers their item this long
     corefbot_labels_timings_file: Path | None = None  # write command handler timings at shutdown (benchmarks)
 
-    @field_validator("corefbot_moderators", mode="before")
-    @classmethod
-    def _ids(cls, value: object) -> object:
-        # .env gives '["1","2"]' (parsed) or a plain "1,2"; ids are compared as strings.
-        if isinstance(value, (int, str)):
-            return {v.strip() for v in str(value).split(",") if v.strip()}
-        if isinstance(value, (list, set, tuple)):
-            return {str(v) for v in value}
-        return value
+    _ids = field_validator("corefbot_moderators", mode="before")(id_set)
 
     @field_validator("corefbot_labels_quiet_hours")
     @classmethod
@@ -51,18 +44,13 @@ class Config(BaseModel):
         parse_quiet_hours(value)  # raises with the value in the message
         return value
 
-    @field_validator("corefbot_labels_tz")
-    @classmethod
-    def _tz(cls, value: str) -> str:
-        if value:
-            ZoneInfo(value)  # an unknown zone fails at start, naming it
-        return value
+    _tz = field_validator("corefbot_timezone")(timezone_name)
 
     def limits(self) -> ConfirmLimits:
         return ConfirmLimits(
             margin=self.corefbot_labels_margin, per_group_day=self.corefbot_labels_per_group_day,
             per_member_day=self.corefbot_labels_per_member_day, per_1000=self.corefbot_labels_per_1000,
             group_gap_s=self.corefbot_labels_group_gap_s, quiet=parse_quiet_hours(self.corefbot_labels_quiet_hours),
-            tz=ZoneInfo(self.corefbot_labels_tz) if self.corefbot_labels_tz else None,
+            tz=ZoneInfo(self.corefbot_timezone) if self.corefbot_timezone else None,
             expire_s=self.corefbot_labels_expire_s,
         )

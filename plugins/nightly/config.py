@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
-from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, field_validator
+
+from plugins.settings import id_set, timezone_name
 
 Notify = Literal["auto", "groups", "superusers", "none"]
 
@@ -37,22 +38,9 @@ class Config(BaseModel):
     corefbot_nightly_follow_registry: bool = True  # serve the registry's serving version (startup and changes)
     corefbot_nightly_sync_s: float = 60.0  # how often to look for registry changes made elsewhere; 0: never
 
-    @field_validator("corefbot_moderator_groups", mode="before")
-    @classmethod
-    def _ids(cls, value: object) -> object:
-        # .env gives '["1","2"]' (parsed) or a plain "1,2"; ids are compared as strings.
-        if isinstance(value, (int, str)):
-            return {v.strip() for v in str(value).split(",") if v.strip()}
-        if isinstance(value, (list, set, tuple)):
-            return {str(v) for v in value}
-        return value
+    _ids = field_validator("corefbot_moderator_groups", mode="before")(id_set)
 
-    @field_validator("corefbot_timezone")
-    @classmethod
-    def _tz(cls, value: str) -> str:
-        if value:
-            ZoneInfo(value)  # an unknown zone fails at start, naming it
-        return value
+    _tz = field_validator("corefbot_timezone")(timezone_name)
 
     @field_validator("corefbot_nightly_time")
     @classmethod
