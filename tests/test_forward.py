@@ -177,6 +177,7 @@ async def test_delivered_once_with_reply_to_the_asker(tmp_path: Path) -> None:
     assert item.reply_to == mid and item.asker == "20003" and item.self_id == BOT
     assert text.endswith(f"(echo) {req.query}") and row["answer"] == f"(echo) {req.query}"
     assert req.body["history"][-1]["text"] == "Yes, through ncnn or mmdeploy." and req.body["id"] == item.merged_id
+    assert row["history"] is None  # other members' messages are not kept once the assistant has answered
 
 
 async def test_assistant_down_then_up_delivers_exactly_once(tmp_path: Path) -> None:
@@ -250,7 +251,7 @@ async def test_bad_json_is_retried_then_failed_with_the_reason(tmp_path: Path) -
         await h.exchange()
         row = await h.wait_status("failed")
         await asyncio.sleep(0.2)
-    assert row["attempts"] == 3 and "invalid JSON" in row["error"] and h.posted == []
+    assert row["attempts"] == 3 and "invalid JSON" in row["error"] and h.posted == [] and row["history"] is None
     assert len(assistant.requests) == 3
 
 

@@ -10,7 +10,9 @@ Every function here takes the writer thread's :class:`Store` (call them through
 
 ``merged_id`` is UNIQUE, so a question is queued once however many times its run is updated. Every
 transition is a guarded UPDATE (``WHERE status = <expected>``) so a row expired or claimed meanwhile is
-never acted on twice. A row found in ``replying`` at start-up was interrupted while the reply was
+never acted on twice. ``history`` (other members' recent messages, sent along to the json API) is
+cleared as soon as the assistant has answered or the item has given up: it is kept only while needed.
+A row found in ``replying`` at start-up was interrupted while the reply was
 being posted: it is marked failed and not re-sent, because it may already be in the group (never twice
 beats at-least-once for a chat reply).
 """
@@ -101,7 +103,7 @@ def expire_old(store: Store, max_age_s: float, now: float | None = None) -> int:
     now = time.time() if now is None else now
     with store.db.conn:
         cur = store.db.conn.execute(
-            "UPDATE outbox SET status = 'expired', updated_at = ?, "
+            "UPDATE outbox SET status = 'expired', updated_at = ?, history = NULL, "
             "error = coalesce(error || '; ', '') || 'expired after ' || ? || ' s undelivered' "
             "WHERE status IN ('pending', 'answered') AND created_at < ?",
             (now, int(max_age_s), now - max_age_s),
@@ -142,8 +144,9 @@ def record_failure(store: Store, item_id: int, error: str, *, retryable: bool, p
         status = "pending"
     with store.db.conn:
         store.db.conn.execute(
-            "UPDATE outbox SET status = ?, attempts = ?, next_at = ?, error = ?, updated_at = ? "
-            "WHERE id = ? AND status = 'pending'", (status, attempts, next_at, error, now, item_id))
+            "UPDATE outbox SET status = ?, attempts = ?, next_at = ?, error = ?, updated_at = ?, "
+            "history = CASE WHEN ? = 'pending' THEN history END "
+            "WHERE id = ? AND status = 'pending'", (status, attempts, next_at, error, now, status, item_id))
     return status
 
 
@@ -153,7 +156,7 @@ def record_answer(store: Store, item_id: int, answer: str, now: float | None = N
     with store.db.conn:
         cur = store.db.conn.execute(
             "UPDATE outbox SET status = 'answered', answer = ?, attempts = attempts + 1, error = NULL, "
-            "next_at = ?, updated_at = ? WHERE id = ? AND status = 'pending'", (answer, now, now, item_id))
+            "history = NULL, next_at = ?, updated_at = ? WHERE id = ? AND status = 'pending'", (answer, now, now, item_id))
         return cur.rowcount == 1
 
 
