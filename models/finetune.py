@@ -328,7 +328,9 @@ def fit(session: Session, data: Sequence[Encoded], *, progress: bool = True) -> 
     optimizer = _optimizer(session.model, config)
     scheduler = _scheduler(optimizer, config, total_steps)
     wrapper = _response_loss_module(session.model)
-    wrapper, optimizer, scheduler = acc.prepare(wrapper, optimizer, scheduler)
+    # The scheduler stays unwrapped: total_steps already counts this process's optimizer steps, and
+    # accelerate's wrapper would step it once per process.
+    wrapper, optimizer = acc.prepare(wrapper, optimizer)
     wrapper.train()
     pad_id = session.tokenizer.pad_token_id if session.tokenizer.pad_token_id is not None else 0
     if session.device.startswith("cuda"):
