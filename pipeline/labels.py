@@ -465,9 +465,6 @@ def forget_member(store: Store, platform: str, sender: str) -> Forgotten:
     of their questions in any table with a ``merged_id`` column (labels, audit, decisions, outbox, prompts…),
     the bot's messages that quoted, @-mentioned or prompted them, and their name as labeler elsewhere."""
     conn = store.db.conn
-    mine = conn.execute("SELECT id, group_id, message_ids FROM merged WHERE platform = ? AND sender = ?",
-                        (platform, sender)).fetchall()
-    merged_ids = {m[0] for m in mine}
     own_ids = {(g, mid) for g, mid in conn.execute(
         "SELECT group_id, message_id FROM messages WHERE platform = ? AND sender = ?", (platform, sender))}
     prompted = {(g, mid) for g, mid in conn.execute(
@@ -483,23 +480,17 @@ def forget_member(store: Store, platform: str, sender: str) -> Forgotten:
     bot_runs = {mid for mid, ids in conn.execute(
         "SELECT id, message_ids FROM merged WHERE platform = ? AND from_self = 1", (platform,))
         if bot_keys.intersection(json.loads(ids))} if bot_keys else set()
-    doomed = [(i,) for i in merged_ids | bot_runs]
-    rows: dict[str, int] = {}
+    rows = store.delete_merged(bot_runs)
     with conn:
-        for table in store.db.table_names():
-            columns = {c.name for c in store.db[table].columns}
-            if "merged_id" in columns and table != "merged":
-                n = sum(conn.execute(f"DELETE FROM [{table}] WHERE merged_id = ?", d).rowcount for d in doomed)
-                if n:
-                    rows[table] = n
         n = conn.execute("DELETE FROM label_prompts WHERE platform = ? AND author = ?", (platform, sender)).rowcount
         if n:
             rows["label_prompts"] = rows.get("label_prompts", 0) + n
         for table in ("labels", "label_audit"):
             conn.execute(f"UPDATE [{table}] SET labeler = ? WHERE labeler = ?", (FORGOTTEN, sender))
-        conn.executemany("DELETE FROM merged WHERE id = ?", [(i,) for i in bot_runs])
         conn.executemany("DELETE FROM messages WHERE key = ?", [(k,) for k in bot_keys])
-    messages = store.forget_member(platform, sender)
+    messages, own_rows = store.forget_member(platform, sender)
+    for table, n in own_rows.items():
+        rows[table] = rows.get(table, 0) + n
     return Forgotten(messages, len(bot_keys), rows)
 
 

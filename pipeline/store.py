@@ -312,17 +312,30 @@ class Store:
     def opted_out(self) -> set[tuple[str, str]]:
         return {(p, s) for p, s in self.db.conn.execute("SELECT platform, sender FROM optout")}
 
-    def forget_member(self, platform: str, sender: str) -> int:
-        """Delete every message, merged query and label of one member. Returns messages deleted."""
+    def delete_merged(self, merged_ids: Iterable[str]) -> dict[str, int]:
+        """Delete merged runs and every row keyed by them (any table with a ``merged_id`` column:
+        labels, audit, decisions, outbox, prompts…). Returns the rows deleted per table."""
+        doomed = [(i,) for i in set(merged_ids)]
+        rows: dict[str, int] = {}
         with self.db.conn:
-            ids = [r[0] for r in self.db.conn.execute(
-                "SELECT id FROM merged WHERE platform = ? AND sender = ?", (platform, sender))]
-            for table in ("labels", "label_audit", "decisions"):
-                if self.db[table].exists():
-                    self.db.conn.executemany(f"DELETE FROM [{table}] WHERE merged_id = ?", [(i,) for i in ids])
-            self.db.conn.execute("DELETE FROM merged WHERE platform = ? AND sender = ?", (platform, sender))
+            for table in self.db.table_names():
+                if table != "merged" and "merged_id" in {c.name for c in self.db[table].columns}:
+                    n = sum(self.db.conn.execute(f"DELETE FROM [{table}] WHERE merged_id = ?", d).rowcount
+                            for d in doomed)
+                    if n:
+                        rows[table] = n
+            self.db.conn.executemany("DELETE FROM merged WHERE id = ?", doomed)
+        return rows
+
+    def forget_member(self, platform: str, sender: str) -> tuple[int, dict[str, int]]:
+        """Delete every message of one member, their merged runs and every row keyed by those.
+        Returns (messages deleted, other rows deleted per table)."""
+        ids = [r[0] for r in self.db.conn.execute(
+            "SELECT id FROM merged WHERE platform = ? AND sender = ?", (platform, sender))]
+        rows = self.delete_merged(ids)
+        with self.db.conn:
             cur = self.db.conn.execute("DELETE FROM messages WHERE platform = ? AND sender = ?", (platform, sender))
-            return cur.rowcount
+        return cur.rowcount, rows
 
     # ---- deployment metadata ----
     def meta(self, key: str) -> str | None:

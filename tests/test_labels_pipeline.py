@@ -234,3 +234,17 @@ def test_alpaca_export_moderator_first_member_optional_rewrite_kept(store: Store
     assert {k: (r["meta"]["label"], r["meta"]["rewrite"]) for k, r in rows.items()} == {
         q1.id: ("needs", None), q2.id: ("not_needed", None)}
     assert manifest.sources == {"moderator": 2} and manifest.member_labels is False
+
+
+def test_forget_member_also_clears_the_outbox(store: Store) -> None:
+    from pipeline.build import build
+
+    store.insert_messages([Message("onebotv11", "g", "1", "carol", 100.0, "How to deploy mmpose on TX2?")])
+    build(store)
+    (merged,) = list(store.iter_merged())
+    with store.db.conn:
+        store.db.conn.execute(
+            "INSERT INTO outbox (merged_id, platform, group_id, query, status, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (merged.id, "onebotv11", "g", merged.text, "pending", 100.0))
+    forget_member(store, "onebotv11", "carol")
+    assert store.count("outbox") == 0 and store.count("messages") == 0
