@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from pipeline.prompt import one_line
 from pipeline.records import Turn
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ ZH_PREDICATE_ONLY = re.compile(
     r"^[\s，,。]*(为什么|为啥|怎么|怎样|如何|咋|能|可以|会|要|有|是不是|是|多少|多久|多大|哪个|哪些|啥|什么)"
     r"[^A-Za-z0-9]{0,10}[？?吗呢]?\s*$")
 ZH_NE = re.compile(r"呢\s*[？?]?\s*$")
+_CLAUSE = re.compile(r"(?<=[？?!！。；;])\s*|[，,]\s*")
+_PLACEHOLDER = re.compile(r"\[[a-z_]+\]")  # chatlog's [image], [face]…: never an antecedent
 ZH_STOP = frozenset("的了吗呢吧啊呀么是有在上中里和与跟及或把被对为于从到给还也都就又再很太更最能会要可以怎样什为啥哪多少个这那它他她们该此其请问下一不没")
 
 _TERM = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_.+][A-Za-z0-9]+)*(?:\s?\d+(?:\.\d+)*[A-Za-z]*)?|\d+(?:\.\d+)?[A-Za-z]+\d*")
@@ -84,6 +87,7 @@ def content_words(text: str) -> list[str]:
 
 def terms(text: str) -> list[str]:
     """Technical terms and named things in a message, in order: mmpose, TX2, CUDA 12.1, Golden Wok, 显卡驱动…"""
+    text = _PLACEHOLDER.sub(lambda m: " " * len(m.group(0)), text)
     found: list[tuple[int, str]] = []
     for m in _TERM.finditer(text):
         word = m.group(0).strip()
@@ -154,9 +158,11 @@ def cues(window: Sequence[Turn], question: Turn) -> list[str]:
         out.append("zh_dem_bare")
     if ZH_INITIAL.search(text):
         out.append("zh_initial")
-    if zh and ZH_PREDICATE_ONLY.search(text):
+    # Per clause: 「在 Jetson Nano 上呢？能跑起来吗」 is two elliptical clauses in one message.
+    clauses = [c for c in _CLAUSE.split(text) if c.strip()] or [text]
+    if zh and any(ZH_PREDICATE_ONLY.search(c) for c in clauses):
         out.append("zh_predicate_only")
-    if zh and ZH_NE.search(text) and len(text) <= 16:
+    if zh and any(ZH_NE.search(c) and len(c.replace(" ", "")) <= 16 for c in [text, *clauses]):
         out.append("zh_ne")
     if window and _partial_name(window, text):
         out.append("partial_name")
@@ -239,21 +245,28 @@ def antecedent(window: Sequence[Turn], question: Turn, *, person: bool = False) 
     """
     q_low = question.text.lower()
     turns = list(reversed(window))
+    asked: list[Turn] = []
     if terms(question.text):
         # "在 TX2 上呢？" after "x86 上跑得挺快的": the question's own term replaces the parallel one
         # (x86); what it leaves out is the topic that was asked about. Prefer recent questions.
-        asked = [t for t in turns[:4] if t.text.rstrip().endswith(("?", "？", "吗", "呢"))]
+        asked = [t for t in turns[:4] if _focus(t.text).rstrip().endswith(_QUESTION_END)]
         turns = asked + [t for t in turns if t not in asked]
     for turn in turns:
-        candidates = [t for t in terms(turn.text) if t.lower() not in q_low and not _is_number_like(t)]
+        text = _focus(turn.text)
+        candidates = [t for t in terms(text) if t.lower() not in q_low and not _is_number_like(t)]
         if person:
             named = [t for t in candidates if t[:1].isupper() and not any(c.isdigit() for c in t)]
             candidates = named or candidates
+        if not candidates and turn in asked:
+            # "Can mmpose be deployed on mobile phones?": lower-case project names are no "terms",
+            # but a question's first content word is what it asks about.
+            subject = _question_subject(text, q_low)
+            candidates = [subject] if subject else []
         if not candidates:
             continue
-        if _HAS_CJK.search(turn.text):
+        if _HAS_CJK.search(text):
             # 「mmpose 训练 COCO 要几天」: the subject; 「有人用过 mmpose 吗」: what the existential asks about.
-            return candidates[-1] if _ZH_EXISTENTIAL.match(turn.text) else candidates[0]
+            return candidates[-1] if _ZH_EXISTENTIAL.match(text) else candidates[0]
         multi = [t for t in candidates if len(t.split()) >= 2 and t[:1].isupper()]
         return (multi or candidates)[0]
     # No term anywhere: the last content word of the newest question in the window ("Has anyone
@@ -267,7 +280,33 @@ def antecedent(window: Sequence[Turn], question: Turn, *, person: bool = False) 
     return None
 
 
-_ZH_EXISTENTIAL = re.compile(r"^\s*(有人|有没有|有谁|谁|大家|求|请问|问下|问一下|推荐|我(在|用|把|们)|你们)")
+_QUESTION_END = ("?", "？", "吗", "呢")
+
+
+def _focus(text: str) -> str:
+    """The part of a merged run a follow-up refers to: its last question line, else all of it."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    asked = [line for line in lines if line.rstrip().endswith(_QUESTION_END)]
+    return asked[-1] if asked and len(lines) > 1 else text
+
+
+_AUX = frozenset("can could does do did is are was will would should may might has have".split())
+
+
+def _question_subject(text: str, q_low: str) -> str | None:
+    """What an English question asks about: the subject right after a leading auxiliary ("Can mmpose be
+    deployed…?"), else its last content word ("Has anyone tried mmpose?")."""
+    if _HAS_CJK.search(text):
+        return None
+    words = [w.strip(".'’-") for w in en_words(text)]
+    if len(words) > 1 and words[0] in _AUX and words[1] not in EN_STOP and len(words[1]) >= 3 \
+            and not words[1].startswith(("any", "some", "every")) and words[1] not in q_low.split():
+        return words[1]
+    words = [w for w in words if w not in EN_STOP and len(w) >= 3 and w not in q_low.split()]
+    return words[-1] if words else None
+
+
+_ZH_EXISTENTIAL = re.compile(r"^\s*(有人|有没有|有谁|谁|大家(?!好)|求|请问|问下|问一下|推荐|我(在|用|把|们)|你们)")
 
 
 def _is_number_like(term: str) -> bool:
@@ -279,8 +318,8 @@ _EN_SUBST = re.compile(r"\b(it|they|them|this|that|these|those|he|she|him|her|it
 
 
 def rewrite(window: Sequence[Turn], question: Turn) -> str | None:
-    """A nearest-antecedent rewrite, or None when the window offers nothing to attach."""
-    text = question.text.strip()
+    """A nearest-antecedent rewrite (one line, as forwarded), or None when the window offers nothing."""
+    text = one_line(question.text)  # a merged run's lines, joined as the prompt shows them
     if _HAS_CJK.search(text):
         ante = antecedent(window, question)
         if not ante:

@@ -66,7 +66,8 @@ def _letter_name(i: int) -> str:
     return name
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """A message as one line: a merged run's lines joined by ' / '."""
     return re.sub(r"\s*\n\s*", " / ", text.strip())
 
 
@@ -103,10 +104,10 @@ def chatml_prefix(history: str) -> str:
 
 def build_prompt(window: Sequence[Turn], question: Turn, order: Order = SERVE_ORDER) -> Prompt:
     names = sender_letters([t.sender for t in window] + [question.sender])
-    lines = "".join(f"{names[t.sender]}: {_one_line(t.text)}\n" for t in window) or NO_HISTORY
+    lines = "".join(f"{names[t.sender]}: {one_line(t.text)}\n" for t in window) or NO_HISTORY
     options = "".join(f"{LETTERS[i]}. {OPTION_TEXT[d]}\n" for i, d in enumerate(order))
     tail = (
-        f"\nLast message, from {names[question.sender]}:\n{_one_line(question.text)}\n\n"
+        f"\nLast message, from {names[question.sender]}:\n{one_line(question.text)}\n\n"
         f"Options:\n{options}"
         "Answer with the option's letter. If the last message needs coreference resolution, "
         "write it rewritten as a self-contained question on the next line."
@@ -118,7 +119,7 @@ def target(prompt: Prompt, decision: Decision, rewrite: str | None = None) -> st
     """The response a model is trained to give: the letter, then the rewrite when one applies."""
     letter = prompt.letter(decision)
     if decision == "needs" and rewrite:
-        return f"{letter}\n{_one_line(rewrite)}"
+        return f"{letter}\n{one_line(rewrite)}"
     return letter
 
 
