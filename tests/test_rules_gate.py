@@ -250,3 +250,17 @@ def test_retrain_from_the_store_labels(store) -> None:
     gate = train_from_store(store, base=False, folds=3, epochs=4)
     assert gate.meta["n"] == labelled
     assert gate.needs_model((Turn("a", "有人在 Jetson 上跑过 mmpose 吗？", 0.0),), q("那个在 TX2 上怎么装？"))
+
+
+def test_merged_runs_placeholders_and_two_clause_ellipsis() -> None:
+    """What the demo chat showed: a multi-line window turn, a run of several lines, a sticker, 「X 上呢？能…吗」."""
+    from models.validate import validate_rewrite
+
+    window = (Turn("a", "大家好，我在看 mmpose 的文档\nCan mmpose be deployed on mobile phones?", 0.0),
+              Turn("b", "Yes, through ncnn or mmdeploy, it runs on Android.", 1.0))
+    assert rewrite(window, q("BTW, how to deploy it on TX2?")) == "BTW, how to deploy mmpose on TX2?"
+    run = rewrite(window, q("[face]\n它在 TX2 上怎么部署？"))
+    assert run is not None and "\n" not in run and "mmpose" in run
+    assert validate_rewrite("[face]\n它在 TX2 上怎么部署？", run, [t.text for t in window])[0]
+    assert "face" not in (rewrite((Turn("a", "[face]", 0.0),), q("为什么不好用？")) or "")
+    assert {"zh_ne", "zh_predicate_only"} <= set(cues(window, q("在 Jetson Nano 上呢？能跑起来吗")))
