@@ -38,7 +38,7 @@ a an the of in on at to for from with by about into over as and or but than then
 do does did done has have had will would can could should may might must shall i me my you your we us our
 what when where who whom whose why how which there here not no yes please tell know any some much many more
 it its they them their he him his she her this that these those one ones get got make made go went like just
-also too very really well ok okay thanks thank hi hello else other another same
+also too very really well ok okay thanks thank hi hello else other another same btw fyi imo
 """.split())
 _THAT_ANAPHORIC_AFTER = frozenset("about is was for of with on in do does did like from to at after before by into than "
                                   "and or but so if what how when why where about is's".split())
@@ -319,6 +319,11 @@ _EN_SUBST = re.compile(r"\b(it|they|them|this|that|these|those|he|she|him|her|it
 
 def rewrite(window: Sequence[Turn], question: Turn) -> str | None:
     """A nearest-antecedent rewrite (one line, as forwarded), or None when the window offers nothing."""
+    lines = [line for line in question.text.splitlines() if line.strip()]
+    if len(lines) > 1 and any(terms(line) for line in lines[:-1]):
+        # 「mmdeploy 转 TensorRT 报错了 / 提示 CUDA out of memory / 这个怎么解决？」: the run names what its
+        # pronoun means; forwarded whole, it is already self-contained.
+        return None
     text = one_line(question.text)  # a merged run's lines, joined as the prompt shows them
     if _HAS_CJK.search(text):
         ante = antecedent(window, question)
