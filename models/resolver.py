@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal, Mapping, Protocol, Sequence
 
 from pipeline.records import Decision, Turn
@@ -95,12 +96,12 @@ class Resolver:
 
 
 def load_backend(name: BackendName, *, model_path: str | None = None, url: str | None = None,
-                 http_model: str = "default", api_key: str | None = None, n_threads: int | None = None) -> Backend:
-    """Build one backend; raises ``ValueError``/``FileNotFoundError`` naming what is wrong."""
+                 http_model: str = "default", api_key: str | None = None, n_threads: int | None = None,
+                 gate_path: str | Path | None = None) -> Backend:
+    """Build one backend; raises ``ValueError``/``FileNotFoundError`` naming what is wrong.
+    ``gate_path``: a retrained gate (the rules backend decides with its classifier)."""
     if name == "rules":
-        from models.rules import RulesBackend
-
-        return RulesBackend()
+        return _rules(gate_path)
     if name == "llama-cpp":
         if not model_path:
             raise ValueError("the llama-cpp backend needs a GGUF model path (COREFBOT_MODEL_PATH or --model)")
@@ -116,22 +117,28 @@ def load_backend(name: BackendName, *, model_path: str | None = None, url: str |
     raise ValueError(f"unknown resolver backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def load_resolver(name: BackendName, *, gate: bool = True, fallback: bool = False, **kwargs) -> Resolver:
+def _rules(gate_path: str | Path | None) -> Backend:
+    from models.gate import Gate
+    from models.rules import RulesBackend
+
+    return RulesBackend(gate=Gate.load(gate_path))
+
+
+def load_resolver(name: BackendName, *, gate: bool = True, fallback: bool = False,
+                  gate_path: str | Path | None = None, **kwargs) -> Resolver:
     """The served composition. With ``fallback``, a backend that fails to load (missing or corrupt
     model, bad URL) is logged and replaced by ``rules`` so the bot keeps running."""
     try:
-        backend = load_backend(name, **kwargs)
+        backend = load_backend(name, gate_path=gate_path, **kwargs)
         reason = None
     except Exception as exc:  # noqa: BLE001 - any load failure falls back, with the reason kept
         if not fallback or name == "rules":
             raise
         log.error("resolver backend %s failed to load (%s); falling back to rules", name, exc)
-        from models.rules import RulesBackend
-
-        backend, reason = RulesBackend(), f"{name}: {exc}"
+        backend, reason = _rules(gate_path), f"{name}: {exc}"
     gate_obj = None
     if gate and backend.name != "rules":
         from models.gate import Gate
 
-        gate_obj = Gate.load()
+        gate_obj = Gate.load(gate_path)
     return Resolver(backend=backend, gate=gate_obj, fallback_reason=reason)

@@ -206,6 +206,19 @@ def test_gate_path_from_the_environment(tmp_path: Path, monkeypatch: pytest.Monk
         Gate.load()
 
 
+def test_served_resolver_uses_the_configured_gate(tmp_path: Path) -> None:
+    """COREFBOT_GATE_PATH from the bot's .env reaches both the gate and the rules backend's classifier."""
+    from models.resolver import load_resolver
+
+    retrained = Gate.train(_toy(20), folds=2, epochs=2)
+    retrained.save(tmp_path / "retrained.json")
+    rules = load_resolver("rules", gate_path=tmp_path / "retrained.json")
+    assert rules.backend.gate.meta == retrained.meta
+    fallback = load_resolver("llama-cpp", model_path=str(tmp_path / "none.gguf"), fallback=True,
+                             gate_path=tmp_path / "retrained.json")
+    assert fallback.fallback_reason and fallback.backend.gate.meta == retrained.meta
+
+
 @pytest.mark.slow
 def test_shipped_model_is_what_the_trainer_builds(tmp_path: Path) -> None:
     shared_data("task_gecor.jsonl")

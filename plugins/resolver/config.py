@@ -17,6 +17,7 @@ class Config(BaseModel):
     corefbot_resolver_url: str | None = None  # OpenAI-compatible base URL for the http backend
     corefbot_resolver_model: str = "default"  # model name sent to the http backend
     corefbot_resolver_key: str | None = None  # bearer key for the http backend
+    corefbot_gate_path: Path | None = None  # a retrained gate (default: the shipped one)
     corefbot_resolver_threads: int | None = None  # llama.cpp threads (default: the backend's choice)
     corefbot_resolve_all: bool = True  # resolve and record every question, also those the bot will not answer
     corefbot_resolve_backlog: int = 16  # unaddressed questions waiting for the model beyond this are skipped
