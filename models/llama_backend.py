@@ -70,6 +70,8 @@ class _Job:
     window: tuple[Turn, ...]
     question: Turn | None = None
     rewrite: "RewriteMode" = "auto"
+    cold: bool = False
+    submitted: float = 0.0  # perf_counter at submission
     deadline: float = math.inf
     cancelled: bool = False
     future: Future = field(default_factory=Future)
@@ -106,8 +108,8 @@ class LlamaBackend:
                  timeout_s: float = 30.0, max_queue: int = 8, max_groups: int = 32,
                  max_state_mb: float = 256.0, max_rewrite_tokens: int = 96, n_batch: int = 512,
                  reuse: bool = True) -> None:
-        """``reuse=False`` evaluates every prompt from scratch (the naive call the benchmark compares
-        against, and a cold reference in tests)."""
+        """``reuse=False`` evaluates every prompt from scratch (a cold reference in tests); so does a
+        single ``resolve(..., cold=True)``, the naive call the benchmark compares against."""
         import llama_cpp
 
         self.model_path = Path(model_path)
@@ -151,6 +153,7 @@ class LlamaBackend:
         self._job: _Job | None = None
         self.last_eval_tokens = 0  # tokens evaluated for the last decision (tests and the bench read it)
         self.last_reused_tokens = 0
+        self.last_decision_ms = 0.0  # submission to decision, before any rewrite is generated
 
         self._cv = threading.Condition()
         self._resolves: deque[_Job] = deque()
@@ -163,13 +166,13 @@ class LlamaBackend:
     # -- public API (any thread) -------------------------------------------------------------------
 
     def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None,
-                rewrite: RewriteMode = "auto") -> Resolution:
+                rewrite: RewriteMode = "auto", cold: bool = False) -> Resolution:
         """Decide (and rewrite) one question. Blocks up to ``timeout_s``; raises :class:`BackendBusy`
         when ``max_queue`` requests are already waiting and ``TimeoutError`` when the answer is late."""
         if rewrite not in ("auto", "always", "never"):
             raise ValueError(f"rewrite must be 'auto', 'always' or 'never', not {rewrite!r}")
         start = time.perf_counter()
-        job = _Job("resolve", group, tuple(window), question, rewrite=rewrite,
+        job = _Job("resolve", group, tuple(window), question, rewrite=rewrite, cold=cold, submitted=start,
                    deadline=time.monotonic() + self.timeout_s)
         with self._cv:
             if self._closing:
@@ -359,9 +362,9 @@ class LlamaBackend:
             _, dropped = self._groups.popitem(last=False)
             self._state_bytes -= dropped.nbytes
 
-    def _reuse(self, group: str | None, tokens: Sequence[int]) -> int:
+    def _reuse(self, group: str | None, tokens: Sequence[int], cold: bool = False) -> int:
         """Bring the context to the longest available prefix of ``tokens``; returns its length."""
-        if not self.reuse:
+        if cold or not self.reuse:
             self._reset_context()
             return 0
         n = _lcp(self._live, tokens)
@@ -394,9 +397,9 @@ class LlamaBackend:
         if len(full) + self.max_rewrite_tokens + 2 > self.n_ctx:
             raise ValueError(f"question of {len(full)} prompt tokens does not fit n_ctx {self.n_ctx}")
         boundary = _lcp(prefix, full)  # BPE may merge across the prefix/question seam
-        n = self._reuse(job.group, full)
+        n = self._reuse(job.group, full, job.cold)
         self.last_reused_tokens = n
-        if self.reuse and job.group is not None and n < boundary:
+        if self.reuse and not job.cold and job.group is not None and n < boundary:
             # Cold for this group: compute its prefix first and keep it for the next question.
             self._decode(full[n:boundary], job)
             self._save(job.group)
@@ -404,6 +407,7 @@ class LlamaBackend:
         self._decode(full[n:], job)
         self.last_eval_tokens = len(full) - self.last_reused_tokens
         probs = self._option_probs()
+        self.last_decision_ms = (time.perf_counter() - job.submitted) * 1000
         decision: Decision = max(probs, key=probs.__getitem__)
         rewrite = None
         if job.rewrite == "always" or (job.rewrite == "auto" and decision == "needs"):

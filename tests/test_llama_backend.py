@@ -107,6 +107,9 @@ def test_state_reuse_returns_the_cold_answer(tiny_gguf: Path):
                 # the prefilled prefix was reused: only the question's own tokens were evaluated
                 assert warm.last_reused_tokens > 0
                 assert warm.last_eval_tokens < cold_tokens / 2
+                again = warm.resolve(window, q, group=group, rewrite="always", cold=True)
+                assert warm.last_reused_tokens == 0 and warm.last_eval_tokens == cold_tokens
+                assert (again.decision, again.rewrite) == (expected.decision, expected.rewrite)
 
 
 def test_cold_question_in_a_group_is_kept_for_the_next(tiny_gguf: Path):

@@ -5,13 +5,15 @@ Run on the Qwen2.5-0.5B stand-in::
     corefbot make-model --shape qwen2.5-0.5b /tmp/q05 --gguf q4_k_m
     corefbot bench resolver --model /tmp/q05/model-q4_k_m.gguf --report resolver.json --threads 2
 
-What is timed is the served call, ``LlamaBackend.resolve``, from the question's arrival to the decision:
-- naive: ``reuse=False``, the whole ChatML prompt evaluated for every question;
+What is timed is the served call, ``LlamaBackend.resolve``, from the question's submission to the
+decision, each question answered both ways one after the other (one loaded model):
 - project: the group's window was prefilled by ``observe`` when its last message arrived (timed
   separately as ``prefill_ms``: that work happens between messages, not while a member waits), groups
   interleaved so each question restores its group's saved KV state;
-- end to end: the same plus the rewrite (``rewrite="always"``, capped at ``--rewrite-tokens`` because a
-  random-weight stand-in never ends a line by itself).
+- naive: ``cold=True``, the whole ChatML prompt evaluated from scratch;
+- end to end: the project call including the rewrite, for the questions that need one (generated with
+  ``rewrite="always"`` and capped at ``--rewrite-tokens``, because a random-weight stand-in never ends
+  its line by itself).
 """
 from __future__ import annotations
 
@@ -122,7 +124,9 @@ def _timed(fn, *args, **kwargs) -> tuple[object, float]:
     return out, (time.perf_counter() - t0) * 1000
 
 
-def _project(model: Path, args: argparse.Namespace, cases, *, rewrite: str) -> dict:
+def _measure(model: Path, args: argparse.Namespace, cases) -> dict:
+    """Naive and project calls interleaved question by question, so that whatever else runs on the
+    machine weighs on both alike (llama.cpp's spinning threads make contention hit hard)."""
     from tqdm import tqdm
 
     from models.llama_backend import LlamaBackend
@@ -130,47 +134,31 @@ def _project(model: Path, args: argparse.Namespace, cases, *, rewrite: str) -> d
     b = LlamaBackend(model, n_threads=args.threads, n_ctx=args.n_ctx, max_rewrite_tokens=args.rewrite_tokens,
                      max_groups=GROUPS * 4)
     try:
-        b.resolve(cases[0][1], cases[0][2], rewrite="never")  # warm-up: buffers, thread pool
-        latencies, prefill, q_tokens, prompt_tokens = [], [], [], []
-        bar = tqdm(total=len(cases), desc=f"project path ({rewrite})", unit="q", file=sys.stderr)
+        b.resolve(cases[0][1], cases[0][2], rewrite="never", cold=True)  # warm-up: buffers, thread pool
+        out: dict[str, list[float]] = {k: [] for k in ("lat", "naive", "e2e", "prefill", "q_tokens", "tokens")}
+        bar = tqdm(total=len(cases), desc="questions", unit="q", file=sys.stderr)
         for r in range(0, len(cases), GROUPS):
             round_ = cases[r:r + GROUPS]
             for group, window, _, _ in round_:  # each group's last message arrives: prefill its window
                 t0 = time.perf_counter()
                 b.observe(group, window)
                 b.wait_idle()
-                prefill.append((time.perf_counter() - t0) * 1000)
+                out["prefill"].append((time.perf_counter() - t0) * 1000)
             for group, window, question, needs in round_:  # then the questions, groups interleaved
-                if rewrite == "always" and not needs:
-                    bar.update()
-                    continue
-                _, ms = _timed(b.resolve, window, question, group=group, rewrite=rewrite)
-                latencies.append(ms)
-                q_tokens.append(b.last_eval_tokens)
-                prompt_tokens.append(b.last_eval_tokens + b.last_reused_tokens)
+                # project path; the rewrite (when the question needs one) comes after the decision
+                _, ms = _timed(b.resolve, window, question, group=group, rewrite="always" if needs else "never")
+                out["lat"].append(b.last_decision_ms)
+                if needs:
+                    out["e2e"].append(ms)
+                out["q_tokens"].append(b.last_eval_tokens)
+                # naive: the same question, the whole prompt evaluated from scratch
+                b.resolve(window, question, group=group, rewrite="never", cold=True)
+                out["naive"].append(b.last_decision_ms)
+                out["tokens"].append(b.last_eval_tokens)
                 bar.update()
         bar.close()
         rss, _ = _rss_mb()
-        return {"lat": latencies, "prefill": prefill, "q_tokens": q_tokens, "prompt_tokens": prompt_tokens,
-                "rss_mb": rss, "cached_groups": len(b.cached_groups())}
-    finally:
-        b.close()
-
-
-def _naive(model: Path, args: argparse.Namespace, cases) -> dict:
-    from tqdm import tqdm
-
-    from models.llama_backend import LlamaBackend
-
-    b = LlamaBackend(model, n_threads=args.threads, n_ctx=args.n_ctx, reuse=False)
-    try:
-        b.resolve(cases[0][1], cases[0][2], rewrite="never")
-        latencies, tokens = [], []
-        for group, window, question, _ in tqdm(cases, desc="naive", unit="q", file=sys.stderr):
-            _, ms = _timed(b.resolve, window, question, group=group, rewrite="never")
-            latencies.append(ms)
-            tokens.append(b.last_eval_tokens)
-        return {"lat": latencies, "tokens": tokens}
+        return {**out, "rss_mb": rss, "cached_groups": len(b.cached_groups())}
     finally:
         b.close()
 
@@ -211,27 +199,24 @@ def run(args: argparse.Namespace) -> int:
     cases = _cases(args.n, args.window)
     load_start = _loadavg()
     rss_before, _ = _rss_mb()
-    # The project's path first, so the RSS figure is one loaded model plus its group states.
-    proj = _project(model, args, cases, rewrite="never")
-    e2e = _project(model, args, cases, rewrite="always")
-    naive = _naive(model, args, cases)
+    m = _measure(model, args, cases)
     _, rss_peak = _rss_mb()
-    prefix_p50 = int(percentile(naive["tokens"], 50) - percentile(proj["q_tokens"], 50))
+    prefix_p50 = int(percentile(m["tokens"], 50) - percentile(m["q_tokens"], 50))
     suffix = _suffix_cost(model, args, max(prefix_p50, 1))
 
-    p50, p95 = percentile(proj["lat"], 50), percentile(proj["lat"], 95)
-    naive_p50 = percentile(naive["lat"], 50)
+    p50, p95 = percentile(m["lat"], 50), percentile(m["lat"], 95)
+    naive_p50 = percentile(m["naive"], 50)
     report = {
         "model": str(model), "model_mb": round(model.stat().st_size / 1e6, 1), "threads": args.threads,
         "n": len(cases), "window": args.window, "groups": GROUPS, "cpu_count": os.cpu_count(),
-        "naive_p50_ms": round(naive_p50, 1), "naive_p95_ms": round(percentile(naive["lat"], 95), 1),
+        "naive_p50_ms": round(naive_p50, 1), "naive_p95_ms": round(percentile(m["naive"], 95), 1),
         "p50_ms": round(p50, 1), "p95_ms": round(p95, 1), "speedup": round(naive_p50 / p50, 2),
-        "e2e_p50_ms": round(percentile(e2e["lat"], 50), 1), "e2e_p95_ms": round(percentile(e2e["lat"], 95), 1),
-        "e2e_n": len(e2e["lat"]), "rewrite_tokens_cap": args.rewrite_tokens,
-        "prefill_p50_ms": round(percentile(proj["prefill"], 50), 1),
-        "prompt_tokens_p50": percentile(naive["tokens"], 50),
-        "question_tokens_p50": percentile(proj["q_tokens"], 50),
-        "rss_mb": round(proj["rss_mb"], 1), "rss_before_load_mb": round(rss_before, 1),
+        "e2e_p50_ms": round(percentile(m["e2e"], 50), 1), "e2e_p95_ms": round(percentile(m["e2e"], 95), 1),
+        "e2e_n": len(m["e2e"]), "rewrite_tokens_cap": args.rewrite_tokens,
+        "prefill_p50_ms": round(percentile(m["prefill"], 50), 1),
+        "prompt_tokens_p50": percentile(m["tokens"], 50),
+        "question_tokens_p50": percentile(m["q_tokens"], 50),
+        "rss_mb": round(m["rss_mb"], 1), "rss_before_load_mb": round(rss_before, 1),
         "rss_peak_mb": round(rss_peak, 1),
         "suffix_ms_by_tokens": suffix,
         # llama.cpp's threads spin at barriers: other busy processes on the same cores inflate every
