@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import orjson
+
 from pipeline.labels import PRIORITY, LabelRow, effective_labels
 from pipeline.prompt import balanced_orders, build_prompt, target
 from pipeline.records import AlpacaRow, Example, Merged, Record, Turn, WindowItem
@@ -147,9 +149,9 @@ class Manifest:
 
 def write_records(records: Iterable[Record], out: str | Path) -> int:
     n = 0
-    with open(out, "w", encoding="utf-8") as f:
+    with open(out, "wb") as f:
         for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.write(orjson.dumps(record) + b"\n")  # UTF-8, not \u-escaped: Chinese stays readable
             n += 1
     return n
 
@@ -159,7 +161,7 @@ def write_alpaca(store: Store, out: str | Path, *, window: int = DEFAULT_WINDOW,
     """Write the alpaca file and ``<out>.manifest.json`` beside it (counts, sources, data hash)."""
     examples = store_examples(store, window, use_member=use_member)
     sources = label_sources(store, use_member=use_member)
-    data = json.dumps(alpaca_rows(examples, seed), ensure_ascii=False, indent=1).encode()
+    data = orjson.dumps(alpaca_rows(examples, seed), option=orjson.OPT_INDENT_2)
     Path(out).write_bytes(data)
     counts: dict[str, int] = {}
     by_source: dict[str, int] = {}

@@ -12,7 +12,6 @@ hash of group, sender, time and text).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +39,13 @@ class ImportReport:
 
 def _field_str(obj: dict, key: str, where: str, *, required: bool = True) -> str | None:
     value = obj.get(key)
+    if type(value) is str:  # the common case first: imports run at tens of thousands of lines a second
+        return value
     if value is None:
         if required:
             raise DataError(f"{where}: missing field {key!r}")
         return None
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    if isinstance(value, bool) or not isinstance(value, int):
         raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
     return str(value)
 
@@ -54,37 +55,38 @@ def chatlog_message(obj: dict, where: str, platform: str = IMPORT_PLATFORM) -> M
     group = _field_str(obj, "group", where)
     sender = _field_str(obj, "sender", where)
     text = obj.get("text")
-    if "text" not in obj:
-        raise DataError(f"{where}: missing field 'text'")
-    if not isinstance(text, str):
+    if type(text) is not str:
+        if "text" not in obj:
+            raise DataError(f"{where}: missing field 'text'")
         raise DataError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
     ts = obj.get("timestamp")
-    if "timestamp" not in obj:
-        raise DataError(f"{where}: missing field 'timestamp'")
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
+    if type(ts) not in (int, float) or not math.isfinite(ts) or ts < 0:
+        if "timestamp" not in obj:
+            raise DataError(f"{where}: missing field 'timestamp'")
         raise DataError(f"{where}: field 'timestamp' must be Unix seconds (a number), got {ts!r}")
     mid = _field_str(obj, "id", where, required=False)
     if mid is None:
         digest = hashlib.sha1(f"{group}\x00{sender}\x00{ts!r}\x00{text}".encode()).hexdigest()[:16]
         mid = f"h{digest}"
     return Message(
-        platform=platform, group=group, message_id=mid, sender=sender, timestamp=float(ts), text=text,
+        platform=platform, group=group, message_id=mid, sender=sender, timestamp=float(ts), text=text,  # type: ignore[arg-type]
         sender_name=str(obj.get("sender_name") or ""), reply_to=_field_str(obj, "reply_to", where, required=False),
     )
 
 
 def _lines(path: Path) -> Iterator[tuple[int, dict | DataError]]:
-    with open(path, encoding="utf-8") as f:
+    import orjson  # 3–4× faster than json here, where parsing is a third of an import's time
+
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, DataError(f"{where}: not valid JSON ({exc.msg})")
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                yield lineno, DataError(f"{path}:{lineno}: not valid JSON ({str(exc).split(':', 1)[0]})")
                 continue
-            yield lineno, obj if isinstance(obj, dict) else DataError(f"{where}: expected a JSON object")
+            yield lineno, obj if isinstance(obj, dict) else DataError(f"{path}:{lineno}: expected a JSON object")
 
 
 def import_jsonl(store: Store, path: str | Path, *, strict: bool = False, progress: bool = False,
@@ -98,11 +100,12 @@ def import_jsonl(store: Store, path: str | Path, *, strict: bool = False, progre
         from tqdm import tqdm
 
         lines = tqdm(lines, desc=f"import {path.name}", unit="line", leave=False)
+    name = str(path)
     messages: list[Message] = []
     labels: list[tuple[str, str, str | None]] = []
     for lineno, obj in lines:
         report.lines += 1
-        where = f"{path}:{lineno}"
+        where = f"{name}:{lineno}"
         try:
             if isinstance(obj, DataError):
                 raise obj

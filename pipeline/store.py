@@ -7,13 +7,13 @@ Migrations are an append-only list; ``PRAGMA user_version`` records how many hav
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import sqlite3
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import orjson
 import sqlite_utils
 
 from pipeline.records import Merged, Message
@@ -144,9 +144,15 @@ def _m7_decisions_margin_index(db: sqlite_utils.Database) -> None:
     db["decisions"].create_index(["margin"])
 
 
+def _m8_drop_messages_sender_index(db: sqlite_utils.Database) -> None:
+    # Every imported or captured message paid for this index (a third of a bulk import's insert
+    # time); only /forgetme and stats read by sender, and a scan serves those rare calls.
+    db.conn.execute("DROP INDEX IF EXISTS idx_messages_platform_sender")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_labels_models, _m3_model_versions_promotion,
                                                         _m4_outbox, _m5_label_prompts_items, _m6_nightly_runs,
-                                                        _m7_decisions_margin_index]
+                                                        _m7_decisions_margin_index, _m8_drop_messages_sender_index]
 
 
 def connect(path: str | Path) -> sqlite_utils.Database:
@@ -175,12 +181,16 @@ def migrate(db: sqlite_utils.Database) -> int:
     return len(MIGRATIONS)
 
 
+def _dumps(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
 # ---- rows <-> records -----------------------------------------------------------------------
 
 def _message_row(m: Message) -> tuple:
     return (
         m.key, m.platform, m.group, m.message_id, m.sender, m.sender_name, m.timestamp, m.text,
-        m.reply_to, json.dumps(list(m.mentions)) if m.mentions else None, int(m.from_self),
+        m.reply_to, _dumps(list(m.mentions)) if m.mentions else None, int(m.from_self),
     )
 
 
@@ -188,7 +198,7 @@ def _message(row: sqlite3.Row | tuple) -> Message:
     return Message(
         platform=row[1], group=row[2], message_id=row[3], sender=row[4], sender_name=row[5] or "",
         timestamp=row[6], text=row[7], reply_to=row[8],
-        mentions=tuple(json.loads(row[9])) if row[9] else (), from_self=bool(row[10]),
+        mentions=tuple(orjson.loads(row[9])) if row[9] else (), from_self=bool(row[10]),
     )
 
 
@@ -202,7 +212,7 @@ _MERGED_COLS = (
 def _merged_row(m: Merged) -> tuple:
     return (
         m.id, m.platform, m.group, m.sender, m.sender_name, m.text, m.timestamp, m.end_timestamp,
-        json.dumps(m.message_ids), m.reply_to, json.dumps(list(m.mentions)) if m.mentions else None,
+        _dumps(m.message_ids), m.reply_to, _dumps(list(m.mentions)) if m.mentions else None,
         int(m.from_self), m.question_score, int(m.is_question),
     )
 
@@ -210,8 +220,8 @@ def _merged_row(m: Merged) -> tuple:
 def _merged(row: sqlite3.Row | tuple) -> Merged:
     return Merged(
         id=row[0], platform=row[1], group=row[2], sender=row[3], sender_name=row[4] or "",
-        text=row[5], timestamp=row[6], end_timestamp=row[7], message_ids=json.loads(row[8]),
-        reply_to=row[9], mentions=tuple(json.loads(row[10])) if row[10] else (),
+        text=row[5], timestamp=row[6], end_timestamp=row[7], message_ids=orjson.loads(row[8]),
+        reply_to=row[9], mentions=tuple(orjson.loads(row[10])) if row[10] else (),
         from_self=bool(row[11]), question_score=row[12], is_question=bool(row[13]),
     )
 
