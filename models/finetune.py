@@ -71,6 +71,7 @@ class FinetuneConfig:
     seed: int = 0
     split_seed: int = 0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_unit: str = "auto"  # conversation | day | auto (models.split.Unit)
     eval_rewrites: bool = True
     eval_base: bool = False  # also evaluate the untouched base on the test split (Table 2's "before")
     eval_max_examples: int | None = None  # cap per evaluated split (a deterministic subset); None = all
@@ -431,7 +432,8 @@ def validate(model: Any, tokenizer: Any, split: Split, config: FinetuneConfig, *
         }
     test = subset(split.test, config.eval_max_examples)
     if not test:
-        raise ValueError("the test split is empty: add conversations or change split_fractions")
+        raise ValueError(f"the test split is empty ({split.unit} split of {len(split.train)} train examples): "
+                         "add labelled conversations, or set split_unit: day for one or two chat groups")
     metrics["test"] = evaluate(model, tokenizer, test, rewrites=config.eval_rewrites,
                                max_new_tokens=config.rewrite_max_new_tokens, progress=progress)
     return metrics
@@ -515,7 +517,8 @@ def run(base: str | Path, data_path: str | Path, out: str | Path, config: Finetu
 
     out = Path(out)
     examples = load_examples(data_path)
-    split = split_examples(examples, seed=config.split_seed, fractions=config.split_fractions)
+    split = split_examples(examples, seed=config.split_seed, fractions=config.split_fractions,
+                           unit=config.split_unit)  # type: ignore[arg-type]
     if not split.train:
         raise ValueError(f"{data_path}: the train split is empty ({len(examples)} examples)")
     manifest: dict[str, Any] = {
@@ -576,7 +579,8 @@ def run_split(run_dir: str | Path) -> tuple[Split, list[Example]]:
     config, manifest, _ = read_run(run_dir)
     cfg = FinetuneConfig.from_dict({k: v for k, v in config.items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}})
     examples = load_examples(manifest["data"])
-    split = split_examples(examples, seed=cfg.split_seed, fractions=cfg.split_fractions)
+    split = split_examples(examples, seed=cfg.split_seed, fractions=cfg.split_fractions,
+                           unit=cfg.split_unit)  # type: ignore[arg-type]
     if split.ids() != manifest["split_ids"]:
         raise ValueError(f"{manifest['data']}: the data changed since run {run_dir} (its split no longer matches)")
     return split, examples

@@ -124,3 +124,19 @@ def test_shared_prefix_scoring_equals_plain_scoring(tiny_hf: Path) -> None:
     assert len(shared) == len(plain) == 6 * len(exs)
     for a, b in zip(shared, plain):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_one_chat_group_splits_by_day() -> None:
+    """A deployment with one group: "auto" keeps each day whole instead of putting it all on one side."""
+    exs = [Example(id=f"q{i}", conversation="qq:group1", window=(Turn("a", "hi", 0.0),),
+                   question=Turn("b", "and it?", 1_700_000_000.0 + i * 3_000.0), label="needs")
+           for i in range(2_000)]  # ~70 days
+    split = split_examples(exs, seed=0)
+    assert split.unit == "day" and split.test and split.validation and split.train
+    days = {}
+    for name in ("train", "validation", "test"):
+        for e in split.side(name):
+            assert days.setdefault(int(e.question.timestamp // 86_400), name) == name
+    whole = split_examples(exs, seed=0, unit="conversation")
+    assert whole.unit == "conversation" and sum(bool(whole.side(n)) for n in ("train", "validation", "test")) == 1
+    assert split.manifest()["unit"] == "day"
