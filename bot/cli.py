@@ -27,7 +27,9 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corefbot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="corefbot", description="corefbot: resolve follow-up questions in technical group chats before "
+        "they reach the assistant; record, label, train.")
     parser.add_argument("--db", metavar="PATH", help="SQLite database (default: COREFBOT_DB or the bot's localstore file)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
