@@ -52,7 +52,7 @@ def _corpus() -> list[str]:
     """Text to train the tokenizer on: the prompt template, bilingual chat lines, digits and ASCII."""
     from pipeline import prompt
 
-    lines = [prompt.SYSTEM, prompt.HEADER, prompt.NO_HISTORY, prompt.QUESTION_SCORE_PROMPT,
+    lines = [prompt.SYSTEM, prompt.HEADER.format(options=""), prompt.NO_HISTORY, prompt.QUESTION_SCORE_PROMPT,
              *prompt.OPTION_TEXT.values(),
              "Answer with the option's letter. If the last message needs coreference resolution, "
              "write it rewritten as a self-contained question on the next line.",

@@ -5,7 +5,7 @@ must not import ``models``; ``models`` imports it from here.
 
 Layout, chosen so a server can keep the key/value state of everything before the question:
 
-    <static header> <history: one line per turn, senders as A, B, C…> <the last message> <options>
+    <header: the task, the options, the answer format> <history: one line per turn, senders A, B, C…> <the last message>
 
 The option order is an explicit argument. Training data shuffles it (balanced per letter); evaluation
 averages over all six orders; serving uses :data:`SERVE_ORDER`. The reference implementation
@@ -39,6 +39,9 @@ HEADER = (
     "Decide whether the last message needs coreference resolution: it refers to something named "
     "earlier in the chat with a pronoun (it, they, this, that, 它, 这个, 那个…) or leaves it out "
     "altogether, so that a reader who sees only the last message cannot tell what it is about.\n\n"
+    "Options:\n{options}"
+    "Answer with the option's letter. If the last message needs coreference resolution, "
+    "write it rewritten as a self-contained question on the next line.\n\n"
     "Chat:\n"
 )
 NO_HISTORY = "(no earlier messages)\n"
@@ -75,8 +78,8 @@ def one_line(text: str) -> str:
 class Prompt:
     """A rendered single-choice question. ``order[i]`` is the decision behind ``LETTERS[i]``."""
 
-    history: str  # header + window lines: the part a server keeps state for, per group
-    question: str  # the last message and the options
+    history: str  # header (with the options) + window lines: the part a server keeps state for, per group
+    question: str  # the last message
     order: Order
 
     @property
@@ -106,13 +109,10 @@ def build_prompt(window: Sequence[Turn], question: Turn, order: Order = SERVE_OR
     names = sender_letters([t.sender for t in window] + [question.sender])
     lines = "".join(f"{names[t.sender]}: {one_line(t.text)}\n" for t in window) or NO_HISTORY
     options = "".join(f"{LETTERS[i]}. {OPTION_TEXT[d]}\n" for i, d in enumerate(order))
-    tail = (
-        f"\nLast message, from {names[question.sender]}:\n{one_line(question.text)}\n\n"
-        f"Options:\n{options}"
-        "Answer with the option's letter. If the last message needs coreference resolution, "
-        "write it rewritten as a self-contained question on the next line."
-    )
-    return Prompt(history=HEADER + lines, question=tail, order=order)
+    # Only the last message comes after the chat, so a server keeping the group's state evaluates
+    # little more than the question's own tokens (the options sit in the header, fixed when serving).
+    tail = f"\nLast message, from {names[question.sender]}:\n{one_line(question.text)}"
+    return Prompt(history=HEADER.format(options=options) + lines, question=tail, order=order)
 
 
 def target(prompt: Prompt, decision: Decision, rewrite: str | None = None) -> str:
