@@ -5,6 +5,9 @@ Each trainer runs in its own process (so peak memory is its own): the same base 
 one prompt builder, the same LoRA and optimizer settings (the paper preset: r 64, alpha 16, dropout
 0.05, all linear layers, lr 2e-4, cosine, 10 warm-up steps), the same number of optimizer steps and
 sequences. Throughput counts non-padding tokens per second of training (model loading excluded).
+With the defaults, examples = steps x micro-batch x accumulation: every trainer trains exactly one
+epoch, so all of them process the same sequences (only their order and batching differ). The machine
+this runs on may be shared: use --repeat and read the per-round ratios as well as the best figures.
 """
 from __future__ import annotations
 
@@ -44,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="HF model folder (default: build the 'small' shape in a temp folder)")
     parser.add_argument("--shape", default="small", help="models/tiny.py shape to build when --base is absent")
     parser.add_argument("--data", help="labelled data (unified .jsonl or alpaca); default: synthetic chats")
-    parser.add_argument("--examples", type=int, default=400, help="synthetic examples (default 400)")
-    parser.add_argument("--steps", type=int, default=25, help="optimizer steps per trainer (default 25)")
+    parser.add_argument("--examples", type=int, default=200, help="synthetic examples (default 200)")
+    parser.add_argument("--steps", type=int, default=25,
+                        help="optimizer steps per trainer (default 25: one epoch of 200 at 4 x 2)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--trainers", default="ours,trainer,trainer-grouped",
