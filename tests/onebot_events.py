@@ -35,3 +35,29 @@ def make_bot(ctx, self_id: str = "10000"):
     from nonebot.adapters.onebot.v11 import Adapter, Bot
 
     return ctx.create_bot(base=Bot, adapter=nonebot.get_adapter(Adapter), self_id=self_id)
+
+
+class Like:
+    """Matches a sent message whose plain text matches ``pattern`` (nonebug compares expected != sent)."""
+
+    def __init__(self, pattern: str) -> None:
+        import re
+
+        self.pattern = re.compile(pattern, re.S)
+
+    def __eq__(self, other: object) -> bool:
+        text = other.extract_plain_text() if hasattr(other, "extract_plain_text") else str(other)
+        return bool(self.pattern.search(text))
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __repr__(self) -> str:
+        return f"Like({self.pattern.pattern!r})"
+
+
+async def db(fn):
+    """Run ``fn(store)`` on the bot's single writer (the nonebug session's database)."""
+    from plugins.chatlog import get_recorder
+
+    return await get_recorder().call(fn)

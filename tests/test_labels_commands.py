@@ -14,35 +14,12 @@ from nonebug import App
 
 from pipeline.labels import ConfirmLimits
 from pipeline.records import Merged
-from tests.onebot_events import group_message, make_bot, reply_to
+from tests.onebot_events import Like, db, group_message, make_bot, reply_to
 
 PLATFORM = "onebotv11"
 NOON = datetime(2026, 11, 18, 12, 0, tzinfo=timezone.utc).timestamp()
 OPEN = ConfirmLimits(per_group_day=1000, per_member_day=1000, per_1000=1e6, group_gap_s=0, quiet=None,
                      tz=timezone.utc, expire_s=600)
-
-
-class Like:
-    """Matches a sent message whose plain text matches ``pattern`` (nonebug compares expected != sent)."""
-
-    def __init__(self, pattern: str) -> None:
-        self.pattern = re.compile(pattern, re.S)
-
-    def __eq__(self, other: object) -> bool:
-        text = other.extract_plain_text() if hasattr(other, "extract_plain_text") else str(other)
-        return bool(self.pattern.search(text))
-
-    def __ne__(self, other: object) -> bool:
-        return not self == other
-
-    def __repr__(self) -> str:
-        return f"Like({self.pattern.pattern!r})"
-
-
-async def db(fn):
-    from plugins.chatlog import get_recorder
-
-    return await get_recorder().call(fn)
 
 
 async def eventually(fn, timeout: float = 5.0):

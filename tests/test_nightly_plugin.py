@@ -14,30 +14,7 @@ from pathlib import Path
 import pytest
 from nonebug import App
 
-from tests.onebot_events import group_message, make_bot
-
-
-class Like:
-    """Matches a sent message whose plain text matches ``pattern`` (nonebug compares expected != sent)."""
-
-    def __init__(self, pattern: str) -> None:
-        self.pattern = re.compile(pattern, re.S)
-
-    def __eq__(self, other: object) -> bool:
-        text = other.extract_plain_text() if hasattr(other, "extract_plain_text") else str(other)
-        return bool(self.pattern.search(text))
-
-    def __ne__(self, other: object) -> bool:
-        return not self == other
-
-    def __repr__(self) -> str:
-        return f"Like({self.pattern.pattern!r})"
-
-
-async def db(fn):
-    from plugins.chatlog import get_recorder
-
-    return await get_recorder().call(fn)
+from tests.onebot_events import Like, db, group_message, make_bot
 
 
 # ---- the schedule ---------------------------------------------------------------------------------
