@@ -3,7 +3,6 @@ member confirmation (prompt, only the author's answer, expiry), /optout /optin /
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
