@@ -131,8 +131,9 @@ def _measure(model: Path, args: argparse.Namespace, cases) -> dict:
 
     from models.llama_backend import LlamaBackend
 
+    # A generous timeout: the bench measures latency, it does not serve (a loaded machine can be slow).
     b = LlamaBackend(model, n_threads=args.threads, n_ctx=args.n_ctx, max_rewrite_tokens=args.rewrite_tokens,
-                     max_groups=GROUPS * 4)
+                     max_groups=GROUPS * 4, timeout_s=600)
     try:
         b.resolve(cases[0][1], cases[0][2], rewrite="never", cold=True)  # warm-up: buffers, thread pool
         out: dict[str, list[float]] = {k: [] for k in ("lat", "naive", "e2e", "prefill", "q_tokens", "tokens")}
