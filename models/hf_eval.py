@@ -282,6 +282,15 @@ def score_decisions(examples: Sequence[Example], predicted: dict[Order, Sequence
     return DecisionEval(tuple(e.id for e in examples), gold, tuple(results))
 
 
+def _shared_share(example: Example, orders: Sequence[Order]) -> float:
+    """How much of an example's prompt text its option orders share: reusing the prefix's cache
+    only pays when the options come late in the prompt; otherwise large plain batches are faster."""
+    import os
+
+    texts = [build_prompt(example.window, example.question, o).chatml() for o in orders]
+    return len(os.path.commonprefix(texts)) / max(len(t) for t in texts)
+
+
 def evaluate_decisions(model: Any, tokenizer: Any, examples: Sequence[Example],
                        orders: Sequence[Order] = ALL_ORDERS, *, progress: bool = False,
                        max_batch: int = 32) -> DecisionEval:
@@ -289,7 +298,7 @@ def evaluate_decisions(model: Any, tokenizer: Any, examples: Sequence[Example],
     if not examples:
         raise ValueError("no examples to evaluate")
     prompts = [build_prompt(e.window, e.question, o) for o in orders for e in examples]
-    if len(orders) > 1:
+    if len(orders) > 1 and _shared_share(examples[0], orders) >= 0.5:
         per_example = [[build_prompt(e.window, e.question, o) for o in orders] for e in examples]
         by_example = shared_prefix_logprobs(model, tokenizer, per_example, progress=progress)
         logps = [by_example[i][k] for k in range(len(orders)) for i in range(len(examples))]
