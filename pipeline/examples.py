@@ -59,19 +59,29 @@ def _dialogue_of(row_id: str) -> str:
     return row_id
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-empty line; a malformed line raises naming file and line."""
-    with open(path, encoding="utf-8") as f:
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict | DataError]]:
+    """(line number, object) for each non-empty line, or a :class:`DataError` naming the file and line
+    for a line that is not a JSON object (callers decide whether to skip it or stop)."""
+    import orjson  # 3–4× faster than json: imports parse tens of thousands of lines a second
+
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, obj
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                yield lineno, DataError(f"{path}:{lineno}: not valid JSON ({str(exc).split(':', 1)[0]})")
+                continue
+            yield lineno, obj if isinstance(obj, dict) else DataError(f"{path}:{lineno}: expected a JSON object")
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line; a malformed line raises naming file and line."""
+    for lineno, obj in iter_jsonl(path):
+        if isinstance(obj, DataError):
+            raise obj
+        yield lineno, obj
 
 
 def load_unified(path: str | Path, split: str | None = None) -> list[Example]:
