@@ -15,7 +15,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.examples import DataError, iter_jsonl, unified_example
 from pipeline.labels import set_label
