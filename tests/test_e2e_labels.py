@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -37,17 +38,21 @@ async def wait_for(peer: OneBotPeer, predicate, timeout: float = 20.0):
         await peer.wait_for_calls(len(peer.calls) + 1, timeout=remaining)
 
 
-async def scenario(bot: BotProcess) -> tuple[str, int]:
-    import time
+async def ask(peer: OneBotPeer):
+    """Play the chat, ask the ambiguous question; returns the bot's confirmation prompt (a reply to it)."""
+    start = time.time() - 120
+    for k, (user, text) in enumerate(CHAT):
+        await peer.group_message(GROUP, user, text, timestamp=start + 30 * k)
+    question = await peer.group_message(GROUP, ASKER, "BTW, how to deploy it on TX2?", timestamp=time.time())
+    prompt = await wait_for(peer, lambda c: c.action == "send_group_msg" and c.reply_to == str(question))
+    return prompt
 
+
+async def scenario(bot: BotProcess) -> tuple[str, int]:
     peer = OneBotPeer(bot.ws_url)
     await peer.connect()
     try:
-        start = time.time() - 120
-        for k, (user, text) in enumerate(CHAT):
-            await peer.group_message(GROUP, user, text, timestamp=start + 30 * k)
-        question = await peer.group_message(GROUP, ASKER, "BTW, how to deploy it on TX2?", timestamp=time.time())
-        prompt = await wait_for(peer, lambda c: c.action == "send_group_msg" and c.reply_to == str(question))
+        prompt = await ask(peer)
         assert f"@{ASKER}" in prompt.text and "I read this as" in prompt.text and "reply 1 if right" in prompt.text
         await peer.group_message(GROUP, 20002, "1", reply_to=prompt.message_id)  # not the author: ignored
         await peer.group_message(GROUP, ASKER, "1", reply_to=prompt.message_id)
@@ -112,16 +117,10 @@ def test_member_confirms_then_moderator_overrides(tmp_path: Path) -> None:
 
 
 async def forget_scenario(bot: BotProcess) -> str:
-    import time
-
     peer = OneBotPeer(bot.ws_url)
     await peer.connect()
     try:
-        start = time.time() - 120
-        for k, (user, text) in enumerate(CHAT):
-            await peer.group_message(GROUP, user, text, timestamp=start + 30 * k)
-        question = await peer.group_message(GROUP, ASKER, "BTW, how to deploy it on TX2?", timestamp=time.time())
-        prompt = await wait_for(peer, lambda c: c.action == "send_group_msg" and c.reply_to == str(question))
+        prompt = await ask(peer)
         await peer.group_message(GROUP, ASKER, "1", reply_to=prompt.message_id)
         await peer.group_message(GROUP, 20002, "TX2 用 TensorRT 就行", timestamp=time.time() + 1)
         await asyncio.sleep(0.5)
