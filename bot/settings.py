@@ -18,14 +18,12 @@ def _env(key: str) -> str | None:
         return os.environ[key]
     if key.lower() in os.environ:
         return os.environ[key.lower()]
-    for name in (".env",):
-        path = Path.cwd() / name
-        if path.is_file():
-            from dotenv import dotenv_values
+    path = Path.cwd() / ".env"
+    if path.is_file():
+        from dotenv import dotenv_values
 
-            values = {k.upper(): v for k, v in dotenv_values(path).items()}
-            if values.get(key):
-                return values[key]
+        values = {k.upper(): v for k, v in dotenv_values(path).items()}
+        return values.get(key) or None
     return None
 
 

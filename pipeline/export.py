@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -112,10 +113,6 @@ def _rewrite(label: LabelRow, rewrites: dict[str, str]) -> str | None:
     return label.rewrite or rewrites.get(label.merged_id)
 
 
-def label_sources(store: Store, *, use_member: bool = True) -> dict[str, str]:
-    return {k: v.source for k, v in effective_labels(store, use_member=use_member).items()}
-
-
 def alpaca_rows(examples: Sequence[Example], seed: int = 0) -> list[dict]:
     """Alpaca rows (instruction, input, output) with the structured example under ``meta``.
 
@@ -160,16 +157,12 @@ def write_alpaca(store: Store, out: str | Path, *, window: int = DEFAULT_WINDOW,
                  use_member: bool = True) -> Manifest:
     """Write the alpaca file and ``<out>.manifest.json`` beside it (counts, sources, data hash)."""
     examples = store_examples(store, window, use_member=use_member)
-    sources = label_sources(store, use_member=use_member)
+    sources = {k: v.source for k, v in effective_labels(store, use_member=use_member).items()}
     data = orjson.dumps(alpaca_rows(examples, seed), option=orjson.OPT_INDENT_2)
     Path(out).write_bytes(data)
-    counts: dict[str, int] = {}
-    by_source: dict[str, int] = {}
-    for e in examples:
-        counts[e.label] = counts.get(e.label, 0) + 1
-        by_source[sources[e.id]] = by_source.get(sources[e.id], 0) + 1
     manifest = Manifest(
-        path=str(out), rows=len(examples), labels=counts, sources=by_source,
+        path=str(out), rows=len(examples), labels=dict(Counter(e.label for e in examples)),
+        sources=dict(Counter(sources[e.id] for e in examples)),
         sha256=hashlib.sha256(data).hexdigest(), seed=seed, window=window, member_labels=use_member,
         created_at=time.time(),
     )
