@@ -12,10 +12,9 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -138,7 +137,10 @@ class Recorder:
         store.upsert_merged([run])
         if not self._listeners or self._loop is None:
             return
-        update = Update(message=message, merged=run, window=store.window_before(run, self.window),
+        # The merger grows its open run in place on this thread; listeners on the event loop get a
+        # snapshot, so a later line of the run cannot change the text they are reading.
+        snapshot = replace(run, message_ids=list(run.message_ids))
+        update = Update(message=message, merged=snapshot, window=store.window_before(run, self.window),
                         new_run=closed is not None or len(run.message_ids) == 1)
         for listener in self._listeners:
             self._loop.call_soon_threadsafe(_spawn, listener, update)
