@@ -68,7 +68,7 @@ def _sigmoid(z: float) -> float:
 
 
 def _fit(rows: list[tuple[list[str], int, float]], *, epochs: int, lr: float, l2: float, seed: int,
-         min_count: int) -> dict[str, float]:
+         min_count: int, text_l2: float | None = None) -> dict[str, float]:
     counts = Counter(f for feats, _, _ in rows for f in feats)
     vocab = {f for f, c in counts.items() if c >= min_count}
     data = [([f for f in feats if f in vocab], y, sw) for feats, y, sw in rows]
@@ -78,13 +78,16 @@ def _fit(rows: list[tuple[list[str], int, float]], *, epochs: int, lr: float, l2
     pos = sum(y for _, y, _ in data)
     # Balance the classes: each side weighs as much in the loss.
     cw = {1: len(data) / (2 * max(pos, 1)), 0: len(data) / (2 * max(len(data) - pos, 1))}
+    # Text features (n-grams, words) may carry a stronger penalty than the rule cues: they learn the
+    # training domains' vocabulary, the cues carry across domains.
+    reg = {f: (l2 if text_l2 is None or f.startswith(("r:", "bias")) else text_l2) for f in vocab}
     for _ in range(epochs):
         rng.shuffle(data)
         for feats, y, sw in data:
             p = _sigmoid(sum(w[f] for f in feats))
             grad = (p - y) * cw[y] * sw
             for f in feats:
-                g = grad + l2 * w[f]
+                g = grad + reg[f] * w[f]
                 g2[f] += g * g
                 w[f] -= lr * g / math.sqrt(g2[f])
     return {f: round(v, 4) for f, v in w.items() if abs(v) >= 5e-4}
@@ -150,7 +153,7 @@ class Gate:
     @classmethod
     def train(cls, examples: Sequence[Example], *, target_recall: float = 0.99, folds: int = 5,
               epochs: int = 6, lr: float = 0.1, l2: float = 1e-3, min_count: int = 2, seed: int = 0,
-              max_source_weight: float = 4.0) -> "Gate":
+              max_source_weight: float = 4.0, text_l2: float | None = None) -> "Gate":
         """Fit on labelled examples ("unknown"/"not_question" rows are skipped); thresholds from out-of-fold scores."""
         from tqdm import tqdm
 
@@ -167,7 +170,7 @@ class Gate:
         random.Random(seed).shuffle(convs)
         fold_of = {c: i % folds for i, c in enumerate(convs)}
         scored: list[tuple[float, int]] = []
-        kw = dict(epochs=epochs, lr=lr, l2=l2, seed=seed, min_count=min_count)
+        kw = dict(epochs=epochs, lr=lr, l2=l2, seed=seed, min_count=min_count, text_l2=text_l2)
         for k in tqdm(range(folds), desc="gate folds", unit="fold", leave=False):
             train = [r for r, e in zip(rows, usable) if fold_of[e.conversation] != k]
             held = [r for r, e in zip(rows, usable) if fold_of[e.conversation] == k]
@@ -187,7 +190,7 @@ class Gate:
         meta = {"n": len(usable), "positives": sum(y for _, y, _ in rows), "sources": dict(per_source),
                 "target_recall": target_recall, "oof_recall": oof.recall, "oof_specificity": oof.specificity,
                 "hyper": {"epochs": epochs, "lr": lr, "l2": l2, "min_count": min_count, "folds": folds, "seed": seed,
-                          "max_source_weight": max_source_weight}}
+                          "max_source_weight": max_source_weight, "text_l2": text_l2}}
         log.info("gate trained on %d examples: threshold %.4f (oof recall %.3f, specificity %.3f), decision %.2f",
                  len(usable), threshold, oof.recall, oof.specificity, decision)
         return cls(weights=weights, threshold=threshold, decision_threshold=decision, meta=meta, override=override)
@@ -247,13 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.gate", description="Train the shipped gate model.")
     parser.add_argument("--shared", help="folder holding task_gecor.jsonl (default ../shared/data)")
     parser.add_argument("--extra", nargs="*", default=[], help="more training files (unified or alpaca; all their rows)")
+    parser.add_argument("--only", action="store_true",
+                        help="train on the --extra files alone; the logged out-of-fold recall and specificity then say how "
+                             "well this feature family separates that data when fitted on it (cross-validated by conversation)")
     parser.add_argument("--out", default=str(DEFAULT_PATH))
     parser.add_argument("--target-recall", type=float, default=0.99)
     args = parser.parse_args(argv)
+    if args.only and not args.extra:
+        parser.error("--only needs --extra FILE ...")
+    if args.only and Path(args.out).resolve() == DEFAULT_PATH.resolve():
+        parser.error("--only must not overwrite the shipped gate: give --out")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from pipeline.examples import load_examples
 
-    examples = default_training_examples(args.shared)
+    examples = [] if args.only else default_training_examples(args.shared)
     for path in args.extra:
         examples += load_examples(path)
     gate = Gate.train(examples, target_recall=args.target_recall)

@@ -98,13 +98,15 @@ def terms(text: str) -> list[str]:
         if is_tech:
             found.append((m.start(), word))
     for m in _CAP_SEQ.finditer(text):
-        seq = m.group(0).strip(" .")
-        first = seq.split()[0]
-        if m.start() == 0 and len(seq.split()) == 1:  # a sentence's first word is capitalised anyway
+        seq, start = m.group(0).strip(" ."), m.start()
+        # A capitalised question word glues onto the name after it ("Was Vlade Divac …", "Did Georgia …"): drop it.
+        while seq and seq.split()[0].lower() in EN_STOP:
+            rest = seq.split(None, 1)[1] if " " in seq else ""
+            start += len(seq) - len(rest)
+            seq = rest
+        if not seq or (start == 0 and len(seq.split()) == 1):  # a sentence's first word is capitalised anyway
             continue
-        if first.lower() in EN_STOP:
-            continue
-        found.append((m.start(), seq))
+        found.append((start, seq))
     for noun in ZH_NOUNS:
         for m in re.finditer(re.escape(noun), text):
             # Noun compounds stay whole: 「显卡驱动」 is one antecedent, not 「显卡」 then 「驱动」.
