@@ -289,3 +289,20 @@ def test_backoff_doubles_and_is_capped() -> None:
     delays = [policy.delay(n) for n in range(1, 7)]
     for expected, got in zip([1, 2, 4, 8, 10, 10], delays):
         assert expected <= got <= expected * 1.1
+
+
+def test_finished_items_are_purged_after_the_keep_period(store) -> None:
+    from plugins.resolver import outbox
+
+    now = 1_000_000.0
+    ids = {}
+    for n, status in enumerate(["pending", "answered", "delivered", "failed", "expired", "delivered"]):
+        ids[n] = outbox.enqueue(store, merged_id=f"m{n}", platform="onebotv11", group="1", self_id=BOT, reply_to="1",
+                                asker="2", question="q?", query="q?", history=[], now=now - 10 * 86400)
+        # The last one finished recently; every other row was last touched ten days ago.
+        store.db.conn.execute("UPDATE outbox SET status = ?, updated_at = ? WHERE id = ?",
+                              (status, now - (3600 if n == 5 else 10 * 86400), ids[n]))
+    assert outbox.purge_finished(store, keep_s=30 * 86400, now=now) == 0
+    assert outbox.purge_finished(store, keep_s=7 * 86400, now=now) == 3
+    left = {r[0] for r in store.db.conn.execute("SELECT merged_id FROM outbox")}
+    assert left == {"m0", "m1", "m5"}  # undelivered work is never purged, whatever its age

@@ -44,3 +44,4 @@ class Config(BaseModel):
     corefbot_retry_max_s: float = 300.0  # cap on one delay
     corefbot_max_attempts: int = 8  # assistant attempts before the item is marked failed
     corefbot_outbox_max_age_s: float = 3600.0  # older undelivered items are marked expired, never sent
+    corefbot_outbox_keep_days: float = 30.0  # finished items (delivered/failed/expired) are deleted after this; 0 keeps them

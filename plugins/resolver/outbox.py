@@ -111,6 +111,18 @@ def expire_old(store: Store, max_age_s: float, now: float | None = None) -> int:
         return cur.rowcount
 
 
+def purge_finished(store: Store, keep_s: float, now: float | None = None) -> int:
+    """Delete delivered, failed and expired items last changed more than ``keep_s`` ago; returns how many.
+
+    Finished rows hold members' questions and the assistant's answers; kept forever they only grow the
+    database. A purged question cannot come back: its run closed long ago (the merge gap is seconds)."""
+    now = time.time() if now is None else now
+    with store.db.conn:
+        return store.db.conn.execute(
+            "DELETE FROM outbox WHERE status IN ('delivered', 'failed', 'expired') AND updated_at < ?",
+            (now - keep_s,)).rowcount
+
+
 def due(store: Store, now: float | None = None, limit: int = 32) -> tuple[list[OutboxItem], float | None]:
     """Items whose next attempt is due (pending: ask the assistant; answered: post the reply), oldest
     first, and the earliest ``next_at`` among the rest (None when nothing else is waiting)."""

@@ -94,6 +94,7 @@ class ServiceOptions:
     max_background: int = 16  # unaddressed questions waiting for the model beyond this are not resolved
     rate: RateLimiter = field(default_factory=lambda: RateLimiter(5, 60.0))
     retry: outbox.RetryPolicy = field(default_factory=outbox.RetryPolicy)
+    keep_finished_s: float = 30 * 86400.0  # delivered/failed/expired outbox rows are deleted after this; 0 keeps them
 
 
 class ResolverService:
@@ -341,10 +342,17 @@ class ResolverService:
     # ---- the outbox worker -----------------------------------------------------------------------
 
     async def _run_outbox(self) -> None:
+        next_purge = 0.0
         while not self._closing:
             self._wake.clear()  # before reading: a wake-up during the reads then runs the loop again at once
             try:
                 await self._db(lambda s: outbox.expire_old(s, self.options.retry.max_age_s))
+                if self.options.keep_finished_s > 0 and time.time() >= next_purge:
+                    next_purge = time.time() + 3600
+                    purged = await self._db(lambda s: outbox.purge_finished(s, self.options.keep_finished_s))
+                    if purged:
+                        log.info("outbox: deleted %d finished item(s) older than %g days", purged,
+                                 self.options.keep_finished_s / 86400)
                 items, later = await self._db(outbox.due)
             except Exception:  # noqa: BLE001 - database trouble: log and try again shortly
                 log.exception("outbox: could not read due items")
