@@ -306,3 +306,16 @@ def test_finished_items_are_purged_after_the_keep_period(store) -> None:
     assert outbox.purge_finished(store, keep_s=7 * 86400, now=now) == 3
     left = {r[0] for r in store.db.conn.execute("SELECT merged_id FROM outbox")}
     assert left == {"m0", "m1", "m5"}  # undelivered work is never purged, whatever its age
+
+
+def test_rate_limiter_smooths_a_burst_then_drops() -> None:
+    from plugins.resolver.service import RateLimiter
+
+    rate, a, b = RateLimiter(2, 60.0), ("onebotv11", "1"), ("onebotv11", "2")
+    assert [rate.reserve(a, now=0.0), rate.reserve(a, now=1.0)] == [0.0, 0.0]
+    assert rate.reserve(a, now=2.0) == 58.0  # the next slot: when the first forward leaves the window
+    assert rate.reserve(a, now=3.0) == 58.0  # then the second's
+    assert rate.reserve(a, now=4.0) is None  # a third would wait longer than a period: dropped
+    assert rate.reserve(b, now=4.0) == 0.0  # each group has its own budget
+    assert rate.reserve(a, now=125.0) == 0.0  # the window has moved on
+    assert RateLimiter(0, 60.0).reserve(a, now=0.0) == 0.0

@@ -170,24 +170,31 @@ async def test_rate_limit_per_group(app: App) -> None:
     from plugins.resolver.service import RateLimiter
 
     now, g = time.time() - 100, 605
-    async with assistant_for(get_service(), reply_mode="all", rate=RateLimiter(1, 60.0)) as assistant:
+    first, second, third = ("How do I install PyTorch 2.3 on Windows?", "Which TensorRT version supports CUDA 12.4?",
+                            "Does vLLM run on AMD MI300 cards?")
+    async with assistant_for(get_service(), reply_mode="all", rate=RateLimiter(1, 2.0)) as assistant:
         async with app.test_api() as ctx:
             bot = make_bot(ctx)
-            message, _ = expected_reply([], "How do I install PyTorch 2.3 on Windows?", reply_id=6051, asker=20001)
-            ctx.should_call_api("send_group_msg", {"group_id": g, "message": message}, {"message_id": 6059})
-            await say(bot, "How do I install PyTorch 2.3 on Windows?", group=g, user=20001, message_id=6051,
-                      timestamp=now)
-            await say(bot, "Which TensorRT version supports CUDA 12.4?", group=g, user=20002, message_id=6052,
-                      timestamp=now + 30)
+            # Replies in the order they are posted: the deferred second question's comes last.
+            for group, reply_id, asker, text, mid in ((g, 6051, 20001, first, 6059), (g + 100, 6053, 20002, second, 6058),
+                                                      (g, 6052, 20001, second, 6057)):
+                message, _ = expected_reply([], text, reply_id=reply_id, asker=asker)
+                ctx.should_call_api("send_group_msg", {"group_id": group, "message": message}, {"message_id": mid})
+            await say(bot, first, group=g, user=20001, message_id=6051, timestamp=now)
+            # Over the limit: the second waits for the group's next slot (one period), the third would wait
+            # longer than a period and is not forwarded.
+            await say(bot, second, group=g, user=20001, message_id=6052, timestamp=now + 30)
+            await say(bot, third, group=g, user=20001, message_id=6054, timestamp=now + 60)
             # Another group has its own budget.
-            message, _ = expected_reply([], "Which TensorRT version supports CUDA 12.4?", reply_id=6053, asker=20002)
-            ctx.should_call_api("send_group_msg", {"group_id": g + 100, "message": message}, {"message_id": 6058})
-            await say(bot, "Which TensorRT version supports CUDA 12.4?", group=g + 100, user=20002, message_id=6053,
-                      timestamp=now + 31)
-    assert len(assistant.requests) == 2
-    assert await delivered(g) == [("delivered", "6059")] and await delivered(g + 100) == [("delivered", "6058")]
+            await say(bot, second, group=g + 100, user=20002, message_id=6053, timestamp=now + 31)
+            assert await delivered(g) == [("delivered", "6059"), ("pending", None)]
+            await asyncio.sleep(2.2)
+            await settle()
+    assert [r.query for r in assistant.requests] == [first, second, second]
+    assert await delivered(g) == [("delivered", "6059"), ("delivered", "6057")]
+    assert await delivered(g + 100) == [("delivered", "6058")]
     rows = await decisions(g)
-    assert [r[2] is not None for r in rows] == [True, False]  # decided and recorded, but not forwarded
+    assert [r[2] is not None for r in rows] == [True, True, False]  # all decided and recorded; the third not forwarded
 
 
 async def test_resolution_listeners_hear_every_question(app: App) -> None:

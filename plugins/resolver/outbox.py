@@ -75,8 +75,9 @@ def _item(row: Sequence) -> OutboxItem:
 
 
 def enqueue(store: Store, *, merged_id: str, platform: str, group: str, self_id: str, reply_to: str, asker: str,
-            question: str, query: str, history: list[dict], now: float | None = None) -> int | None:
-    """Queue a question; returns the new row id, or None when this question was queued before."""
+            question: str, query: str, history: list[dict], delay_s: float = 0.0, now: float | None = None) -> int | None:
+    """Queue a question, first attempt ``delay_s`` from now; returns the new row id, or None when this
+    question was queued before."""
     now = time.time() if now is None else now
     with store.db.conn:
         cur = store.db.conn.execute(
@@ -84,7 +85,7 @@ def enqueue(store: Store, *, merged_id: str, platform: str, group: str, self_id:
             "history, status, attempts, next_at, created_at, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
             (merged_id, platform, group, self_id, reply_to, asker, question, query,
-             json.dumps(history, ensure_ascii=False), now, now, now),
+             json.dumps(history, ensure_ascii=False), now + delay_s, now, now),
         )
         return cur.lastrowid if cur.rowcount else None
 

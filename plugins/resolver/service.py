@@ -63,23 +63,29 @@ class BotUnavailable(Exception):
 
 @dataclass
 class RateLimiter:
-    """At most ``limit`` forwards per group in any ``period_s`` (0 disables)."""
+    """At most ``limit`` forwards per group in any ``period_s`` (0 disables).
+
+    A question over the limit is not dropped at once: it takes the group's next free slot when that is at
+    most one period away (a burst is smoothed, the asker still gets an answer); beyond that it is dropped,
+    so a flood cannot build an hour of backlog for the assistant."""
 
     limit: int
     period_s: float
-    _sent: dict[tuple[str, str], deque[float]] = field(default_factory=lambda: defaultdict(deque))
+    _slots: dict[tuple[str, str], deque[float]] = field(default_factory=lambda: defaultdict(deque))
 
-    def allow(self, key: tuple[str, str], now: float | None = None) -> bool:
+    def reserve(self, key: tuple[str, str], now: float | None = None) -> float | None:
+        """Seconds until this group's next forward may go (0: now), reserving that slot; None: dropped."""
         if self.limit <= 0:
-            return True
+            return 0.0
         now = time.monotonic() if now is None else now
-        sent = self._sent[key]
-        while sent and now - sent[0] >= self.period_s:
-            sent.popleft()
-        if len(sent) >= self.limit:
-            return False
-        sent.append(now)
-        return True
+        slots = self._slots[key]
+        while slots and now - slots[0] >= self.period_s:
+            slots.popleft()
+        at = now if len(slots) < self.limit else slots[-self.limit] + self.period_s
+        if at - now > self.period_s:
+            return None
+        slots.append(at)
+        return at - now
 
 
 @dataclass
@@ -273,10 +279,13 @@ class ResolverService:
         resolution = await self._resolve(window, turn(merged), group_key, ADDRESSED if addressed else BACKGROUND)
         query = resolution.query(merged.text)
         forward = addressed and self.assistant is not None
-        if forward and not self.options.rate.allow((merged.platform, merged.group)):
-            log.warning("rate limit: group %s already had %d questions forwarded in %g s; not forwarding %s",
+        delay = self.options.rate.reserve((merged.platform, merged.group)) if forward else 0.0
+        if delay is None:
+            log.warning("rate limit: group %s has %d questions forwarded or waiting within %g s; not forwarding %s",
                         group_key, self.options.rate.limit, self.options.rate.period_s, merged.id)
             forward = False
+        elif delay > 0:
+            log.info("rate limit: question %s waits %.0f s for the group's next forward", merged.id, delay)
         self_id = _pick_bot(bots, merged.mentions)
         history = _history(update.window[-self.options.history:] if self.options.history else [])
         reply_to = update.message.message_id  # the run's latest line: the one that made it a question to the bot
@@ -287,7 +296,7 @@ class ResolverService:
                 return None
             return outbox.enqueue(store, merged_id=merged.id, platform=merged.platform, group=merged.group,
                                   self_id=self_id, reply_to=reply_to, asker=merged.sender, question=merged.text,
-                                  query=query, history=history)
+                                  query=query, history=history, delay_s=delay)
 
         item_id = await self._db(record)
         if item_id is not None:
