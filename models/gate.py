@@ -8,7 +8,10 @@ and retrains from any labelled examples (:meth:`Gate.train`).
 Two thresholds come out of training, both chosen on out-of-fold predictions over the training rows
 (conversation-grouped folds), never on evaluation rows:
 - ``threshold`` (the gate): the highest one keeping out-of-fold recall of needs-resolution ≥
-  ``target_recall`` (0.99 by default, a margin over the 0.98 the issue asks for on unseen data);
+  ``target_recall`` (0.99 by default, a margin over the 0.98 the issue asks for on unseen data), and the
+  same per language (``thresholds``: Chinese, other) where a language has enough positives — the two
+  score on different scales (Chinese has no capitals or spaces to mark a name), so one pooled cut is
+  too low for Chinese;
 - ``decision_threshold`` (the ``rules`` backend's decision): the one with the best out-of-fold Matthews correlation.
 
 Rebuild the shipped model: ``python -m models.gate [--shared ../shared/data] [--out models/gate_model.json]``.
@@ -37,7 +40,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = Path(__file__).with_name("gate_model.json")
 DATA = Path(__file__).parent / "data"
-OWN_DATA = (DATA / "zh_cases.jsonl", DATA / "en_cases.jsonl")  # hand-written cases; their "test" splits are never fitted
+# Hand-written cases (tech troubleshooting; conversations about people, projects, papers, events); their
+# "test" splits are never fitted.
+OWN_DATA = tuple(DATA / f"{name}.jsonl" for name in ("zh_cases", "en_cases", "zh_topics", "en_topics"))
 FORMAT = "corefbot-gate/1"
 
 
@@ -46,12 +51,20 @@ def _normalize(text: str) -> str:
     return re.sub(r"\d", "0", re.sub(r"\s+", " ", text))
 
 
+_SHAPE = ("content_", "overlap_", "term_", "no_term", "full_name", "partial_name", "window_empty", "lang_zh")
+
+
 def features(window: Sequence[Turn], question: Turn) -> list[str]:
     """Sparse binary features of one question (its window only enters through the rule cues)."""
     from models.rules import cues
 
     text = _normalize(question.text)
-    feats = ["bias"] + [f"r:{c}" for c in cues(window, question)]
+    found = cues(window, question)
+    feats = ["bias"] + [f"r:{c}" for c in found]
+    # How the question relates to its window only shows in combination: a short question sharing nothing
+    # with the window leans on it, unless it brings a name of its own ("Who created Kotlin?").
+    shape = [c for c in found if c.startswith(_SHAPE)]
+    feats += [f"x:{a}&{b}" for i, a in enumerate(shape) for b in shape[i + 1:]]
     padded = f"^{text}$"
     for n in (1, 2, 3):
         feats += [f"c{n}:{padded[i:i + n]}" for i in range(len(padded) - n + 1)]
@@ -63,12 +76,19 @@ def features(window: Sequence[Turn], question: Turn) -> list[str]:
     return list(dict.fromkeys(feats))
 
 
+def language(text: str) -> str:
+    """"zh" for text with Chinese characters (mixed Chinese–English chat included), else "en"."""
+    from models.rules import _HAS_CJK
+
+    return "zh" if _HAS_CJK.search(text) else "en"
+
+
 def _sigmoid(z: float) -> float:
     return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
 
 
 def _fit(rows: list[tuple[list[str], int, float]], *, epochs: int, lr: float, l2: float, seed: int,
-         min_count: int, text_l2: float | None = None) -> dict[str, float]:
+         min_count: int) -> dict[str, float]:
     counts = Counter(f for feats, _, _ in rows for f in feats)
     vocab = {f for f, c in counts.items() if c >= min_count}
     data = [([f for f in feats if f in vocab], y, sw) for feats, y, sw in rows]
@@ -78,16 +98,13 @@ def _fit(rows: list[tuple[list[str], int, float]], *, epochs: int, lr: float, l2
     pos = sum(y for _, y, _ in data)
     # Balance the classes: each side weighs as much in the loss.
     cw = {1: len(data) / (2 * max(pos, 1)), 0: len(data) / (2 * max(len(data) - pos, 1))}
-    # Text features (n-grams, words) may carry a stronger penalty than the rule cues: they learn the
-    # training domains' vocabulary, the cues carry across domains.
-    reg = {f: (l2 if text_l2 is None or f.startswith(("r:", "bias")) else text_l2) for f in vocab}
     for _ in range(epochs):
         rng.shuffle(data)
         for feats, y, sw in data:
             p = _sigmoid(sum(w[f] for f in feats))
             grad = (p - y) * cw[y] * sw
             for f in feats:
-                g = grad + reg[f] * w[f]
+                g = grad + l2 * w[f]
                 g2[f] += g * g
                 w[f] -= lr * g / math.sqrt(g2[f])
     return {f: round(v, 4) for f, v in w.items() if abs(v) >= 5e-4}
@@ -134,6 +151,7 @@ class Gate:
     weights: dict[str, float]
     threshold: float
     decision_threshold: float = 0.5
+    thresholds: dict[str, float] = field(default_factory=dict)  # per language() where trained; else ``threshold``
     meta: dict = field(default_factory=dict)
     override: frozenset[str] = field(default_factory=lambda: _strong_cues())
 
@@ -148,12 +166,13 @@ class Gate:
         return bool(self.override & set(cues(window, question)))
 
     def needs_model(self, window: Sequence[Turn], question: Turn) -> bool:
-        return self.strong_cue(window, question) or self.probability(window, question) >= self.threshold
+        cut = self.thresholds.get(language(question.text), self.threshold)
+        return self.strong_cue(window, question) or self.probability(window, question) >= cut
 
     @classmethod
     def train(cls, examples: Sequence[Example], *, target_recall: float = 0.99, folds: int = 5,
-              epochs: int = 6, lr: float = 0.1, l2: float = 1e-3, min_count: int = 2, seed: int = 0,
-              max_source_weight: float = 4.0, text_l2: float | None = None) -> "Gate":
+              epochs: int = 10, lr: float = 0.05, l2: float = 1e-3, min_count: int = 2, seed: int = 0,
+              max_source_weight: float = 4.0, min_language_positives: int = 100) -> "Gate":
         """Fit on labelled examples ("unknown"/"not_question" rows are skipped); thresholds from out-of-fold scores."""
         from tqdm import tqdm
 
@@ -170,7 +189,7 @@ class Gate:
         random.Random(seed).shuffle(convs)
         fold_of = {c: i % folds for i, c in enumerate(convs)}
         scored: list[tuple[float, int]] = []
-        kw = dict(epochs=epochs, lr=lr, l2=l2, seed=seed, min_count=min_count, text_l2=text_l2)
+        kw = dict(epochs=epochs, lr=lr, l2=l2, seed=seed, min_count=min_count)
         for k in tqdm(range(folds), desc="gate folds", unit="fold", leave=False):
             train = [r for r, e in zip(rows, usable) if fold_of[e.conversation] != k]
             held = [r for r, e in zip(rows, usable) if fold_of[e.conversation] == k]
@@ -184,19 +203,29 @@ class Gate:
         scored = [(1.0 if strong[i] else p, y) for i, (p, y) in zip(held_order, scored)]
         threshold = _recall_threshold(scored, target_recall)
         decision = max(_mcc_threshold(scored), threshold)
+        langs = [language(usable[i].question.text) for i in held_order]
+        thresholds = {}
+        for lang in sorted(set(langs)):
+            mine = [sy for sy, l in zip(scored, langs) if l == lang]
+            if sum(y for _, y in mine) >= min_language_positives:
+                thresholds[lang] = _recall_threshold(mine, target_recall)
         from pipeline.metrics import Confusion
 
-        oof = Confusion.of([bool(y) for _, y in scored], [p >= threshold for p, _ in scored])
+        oof = Confusion.of([bool(y) for _, y in scored],
+                           [p >= thresholds.get(l, threshold) for (p, _), l in zip(scored, langs)])
         meta = {"n": len(usable), "positives": sum(y for _, y, _ in rows), "sources": dict(per_source),
                 "target_recall": target_recall, "oof_recall": oof.recall, "oof_specificity": oof.specificity,
                 "hyper": {"epochs": epochs, "lr": lr, "l2": l2, "min_count": min_count, "folds": folds, "seed": seed,
-                          "max_source_weight": max_source_weight, "text_l2": text_l2}}
-        log.info("gate trained on %d examples: threshold %.4f (oof recall %.3f, specificity %.3f), decision %.2f",
-                 len(usable), threshold, oof.recall, oof.specificity, decision)
-        return cls(weights=weights, threshold=threshold, decision_threshold=decision, meta=meta, override=override)
+                          "max_source_weight": max_source_weight, "min_language_positives": min_language_positives}}
+        log.info("gate trained on %d examples: threshold %.4f, per language %s (oof recall %.3f, specificity %.3f), "
+                 "decision %.2f", len(usable), threshold, {k: round(v, 4) for k, v in thresholds.items()}, oof.recall,
+                 oof.specificity, decision)
+        return cls(weights=weights, threshold=threshold, decision_threshold=decision, thresholds=thresholds, meta=meta,
+                   override=override)
 
     def save(self, path: str | Path) -> None:
-        doc = {"format": FORMAT, "threshold": self.threshold, "decision_threshold": self.decision_threshold,
+        doc = {"format": FORMAT, "threshold": self.threshold, "thresholds": self.thresholds,
+               "decision_threshold": self.decision_threshold,
                "override": sorted(self.override), "meta": self.meta, "weights": dict(sorted(self.weights.items()))}
         Path(path).write_text(json.dumps(doc, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
@@ -216,7 +245,8 @@ class Gate:
             if key not in doc:
                 raise ValueError(f"gate model {path}: missing key {key!r}")
         return cls(weights={str(k): float(v) for k, v in doc["weights"].items()}, threshold=float(doc["threshold"]),
-                   decision_threshold=float(doc.get("decision_threshold", 0.5)), meta=doc.get("meta", {}),
+                   decision_threshold=float(doc.get("decision_threshold", 0.5)),
+                   thresholds={str(k): float(v) for k, v in doc.get("thresholds", {}).items()}, meta=doc.get("meta", {}),
                    override=frozenset(doc["override"]) if "override" in doc else _strong_cues())
 
 
@@ -224,7 +254,7 @@ def default_training_examples(shared: str | Path | None = None) -> list[Example]
     """The shipped model's training rows: task_gecor's train split and the train splits of our own cases."""
     from pipeline.examples import load_unified
 
-    examples = [e for path in OWN_DATA for e in load_unified(path) if e.split == "train"]
+    examples = [e for path in OWN_DATA if path.exists() for e in load_unified(path) if e.split == "train"]
     shared = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared" / "data"
     task = shared / "task_gecor.jsonl"
     if task.exists():

@@ -191,7 +191,11 @@ def cues(window: Sequence[Turn], question: Turn) -> list[str]:
             out.append("term_in_window")
         if q_terms and not any(t.lower() in window_text for t in q_terms):
             out.append("term_new")
-        shared = [w for w in set(content) if len(w) > 1 and w in window_text]
+        # Chinese content comes as single characters: count shared character pairs instead (a name like
+        # 三星堆 repeated from the window gives two).
+        pairs = {text[i:i + 2] for i in range(len(text) - 1)
+                 if _HAS_CJK.match(text[i]) and _HAS_CJK.match(text[i + 1]) and not set(text[i:i + 2]) <= ZH_STOP}
+        shared = [w for w in set(content) if len(w) > 1 and w in window_text] + [p for p in pairs if p in window_text]
         out.append("overlap_0" if not shared else "overlap_1" if len(shared) == 1 else "overlap_2+")
     if zh:
         out.append("lang_zh")

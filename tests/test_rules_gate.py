@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from models.gate import DEFAULT_PATH, OWN_DATA, Gate, default_training_examples, features
-from models.rules import RulesBackend, cues, pronoun_baseline, rewrite
+from models.rules import RulesBackend, cues, pronoun_baseline, rewrite, terms
 from pipeline.examples import load_unified
 from pipeline.metrics import Confusion
 from pipeline.records import Example, Turn
@@ -55,6 +55,17 @@ def test_shortened_and_full_names() -> None:
     assert "partial_name" in cues(window, q("Who has Kohli been compared to?"))
     full = cues(window, q("Who has Virat Kohli been compared to?"))
     assert "full_name" in full and "partial_name" not in full
+
+
+def test_a_capitalised_question_word_does_not_hide_the_name() -> None:
+    assert terms("Was Vlade Divac on the national team?") == ["Vlade Divac"]
+    assert terms("Did Georgia go to New York?") == ["Georgia", "New York"]
+
+
+def test_chinese_overlap_counts_character_pairs() -> None:
+    window = (Turn("a", "三星堆又挖出新东西了", 0.0),)
+    assert "overlap_2+" in cues(window, q("三星堆到底是啥年代的"))
+    assert "overlap_0" in cues(window, q("到底是啥年代的"))
 
 
 # -- rewrites --------------------------------------------------------------------------------------
@@ -141,7 +152,8 @@ def test_canard_dev(gate: Gate) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="CANARD dev: the gate reaches recall ~0.97 at specificity ~0.32, short of 0.98/0.5")
+@pytest.mark.xfail(strict=True, reason="CANARD dev: the gate reaches recall ~0.97 at specificity ~0.42, short of 0.98/0.5 "
+                   "(fitted on CANARD itself its features reach only ~0.22 specificity at 0.98 recall)")
 def test_canard_dev_gate_target(gate: Gate) -> None:
     gate_c, _, _ = _measure(gate, load_unified(shared_data("canard_dev.jsonl")))
     assert gate_c.recall >= 0.98 and gate_c.specificity >= 0.5
@@ -177,6 +189,29 @@ def test_train_save_load_roundtrip(tmp_path: Path) -> None:
         assert again.needs_model(e.window, e.question) == gate.needs_model(e.window, e.question)
     needs = [e for e in data if e.label == "needs"]
     assert all(again.needs_model(e.window, e.question) for e in needs)
+
+
+def test_the_cut_is_per_language(tmp_path: Path) -> None:
+    # No weights: every question scores 0.5, so only the cut decides (the questions carry no strong cue).
+    gate = Gate(weights={}, threshold=0.4, thresholds={"zh": 0.6})
+    zh, en = q("Qwen2.5 的技术报告里训练数据有多少 token？"), q("How many tokens was Qwen2.5 trained on?")
+    assert not gate.needs_model(MMPOSE, zh) and gate.needs_model(MMPOSE, en)
+    gate.save(tmp_path / "g.json")
+    assert Gate.load(tmp_path / "g.json").thresholds == {"zh": 0.6}
+    trained = Gate.train(_toy(40) + [Example(f"e:{i}", f"e{i}", (Turn("a", "Has anyone tried mmpose?", 0.0),),
+                                              Turn("b", "how to deploy it?" if i % 2 else f"How do I install CUDA 1{i % 10}?", 1.0),
+                                              "needs" if i % 2 else "not_needed") for i in range(80)],
+                         folds=4, epochs=4, min_language_positives=30)
+    assert set(trained.thresholds) == {"zh", "en"}
+
+
+def test_only_mode_needs_data_and_spares_the_shipped_model() -> None:
+    from models.gate import main
+
+    with pytest.raises(SystemExit):
+        main(["--only"])
+    with pytest.raises(SystemExit):
+        main(["--only", "--extra", str(OWN_DATA[0])])  # --out defaults to the shipped model
 
 
 def test_train_needs_both_classes() -> None:
