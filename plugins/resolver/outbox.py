@@ -8,6 +8,8 @@ Every function here takes the writer thread's :class:`Store` (call them through
        ├─ask failed (permanent, or max attempts)─▶ failed
        ╰─older than max age (pending or answered)─▶ expired
 
+Delivered, failed and expired rows are deleted once the keep period has passed (:func:`purge_finished`).
+
 ``merged_id`` is UNIQUE, so a question is queued once however many times its run is updated. Every
 transition is a guarded UPDATE (``WHERE status = <expected>``) so a row expired or claimed meanwhile is
 never acted on twice. ``history`` (other members' recent messages, sent along to the json API) is
