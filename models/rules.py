@@ -251,6 +251,14 @@ def antecedent(window: Sequence[Turn], question: Turn, *, person: bool = False) 
     """
     q_low = question.text.lower()
     turns = list(reversed(window))
+    if person:
+        # "he"/"she" means a person: the newest full name (two or more capitalised words, no digits) in the
+        # window, even when a newer message only names a team or a product ("… joined Arsenal").
+        for turn in turns:
+            names = [t for t in terms(_focus(turn.text)) if len(t.split()) >= 2 and t.lower() not in q_low
+                     and all(w[:1].isupper() for w in t.split()) and not any(c.isdigit() for c in t)]
+            if names:
+                return names[0]
     asked: list[Turn] = []
     if terms(question.text):
         # "在 TX2 上呢？" after "x86 上跑得挺快的": the question's own term replaces the parallel one

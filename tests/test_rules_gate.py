@@ -77,6 +77,9 @@ def test_chinese_overlap_counts_character_pairs() -> None:
     ((Turn("a", "Has anyone tried mmpose?", 1.0),), "BTW, how to deploy it on TX2?", "BTW, how to deploy mmpose on TX2?"),
     ((Turn("a", "I suggest Curry Prince. They serve Indian food.", 1.0),), "What is the address?",
      "What is the address of Curry Prince?"),
+    # "he" wants a person: the newest full name, not the newer message's club.
+    ((Turn("a", "Mikel Arteta was a midfielder before coaching", 1.0), Turn("b", "now he manages Arsenal", 2.0)),
+     "When did he take over?", "When did Mikel Arteta take over?"),
 ])
 def test_nearest_antecedent_rewrite(window, question: str, expected: str) -> None:
     assert rewrite(window, q(question)) == expected
