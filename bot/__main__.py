@@ -1,4 +1,4 @@
-"""``python -m bot``: start the bot (same as ``corefbot run``)."""
-from bot.app import run
+"""``python -m corefbot``: start the bot (same as ``corefbot run``)."""
+from corefbot.app import run
 
 run()

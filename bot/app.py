@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 PLUGINS = [
-    "plugins.chatlog",
-    "plugins.resolver",
-    "plugins.labels",
-    "plugins.nightly",
+    "corefbot.plugins.chatlog",
+    "corefbot.plugins.resolver",
+    "corefbot.plugins.labels",
+    "corefbot.plugins.nightly",
 ]
 DEFAULTS: dict[str, Any] = {"driver": "~fastapi+~aiohttp", "host": "127.0.0.1", "port": 8080}
 

@@ -1,4 +1,4 @@
-"""``corefbot``: one console script, one subcommand per module in :mod:`bot.commands`.
+"""``corefbot``: one console script, one subcommand per module in :mod:`corefbot.commands`.
 
 Each command module has ``register(subparsers)`` which adds its parser(s) with ``func`` set to a
 function ``(args) -> int``. The CLI only parses, calls library functions, and turns domain errors
@@ -12,13 +12,13 @@ import logging
 import sys
 
 COMMAND_MODULES = [
-    "bot.commands.data",  # import, build, export, stats
-    "bot.commands.run",  # run, demo
-    "bot.commands.bench",  # bench NAME
-    "bot.commands.train",  # train, export-gguf, scaling-check
-    "bot.commands.models_cmd",  # make-model
-    "bot.commands.nightly",  # nightly --now (the nightly retraining job)
-    "bot.commands.eval",  # eval (resolver backends on labelled data)
+    "corefbot.commands.data",  # import, build, export, stats
+    "corefbot.commands.run",  # run, demo
+    "corefbot.commands.bench",  # bench NAME
+    "corefbot.commands.train",  # train, export-gguf, scaling-check
+    "corefbot.commands.models_cmd",  # make-model
+    "corefbot.commands.nightly",  # nightly --now (the nightly retraining job)
+    "corefbot.commands.eval",  # eval (resolver backends on labelled data)
 ]
 
 

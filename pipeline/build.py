@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.merge import DEFAULT_GAP_S, merge_all
-from pipeline.question import LLMScorer, QuestionFilter
-from pipeline.records import Merged
-from pipeline.store import Store
+from corefbot.pipeline.merge import DEFAULT_GAP_S, merge_all
+from corefbot.pipeline.question import LLMScorer, QuestionFilter
+from corefbot.pipeline.records import Merged
+from corefbot.pipeline.store import Store
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.records import Example, Turn
+from corefbot.pipeline.records import Example, Turn
 
 UNIFIED_FIELDS = ("id", "context", "query", "needs_rewrite")
 

@@ -15,11 +15,11 @@ from typing import Iterable, Iterator, Sequence
 
 import orjson
 
-from pipeline.labels import PRIORITY, LabelRow, effective_labels
-from pipeline.prompt import balanced_orders, build_prompt, target
-from pipeline.records import AlpacaRow, Example, Merged, Record, Turn, WindowItem
-from pipeline.store import Store, pseudonym
-from pipeline.window import DEFAULT_WINDOW, with_windows
+from corefbot.pipeline.labels.rows import PRIORITY, LabelRow, effective_labels
+from corefbot.pipeline.prompt import balanced_orders, build_prompt, target
+from corefbot.pipeline.records import AlpacaRow, Example, Merged, Record, Turn, WindowItem
+from corefbot.pipeline.store import Store, pseudonym
+from corefbot.pipeline.window import DEFAULT_WINDOW, with_windows
 
 NEEDS_GT = {"needs": True, "not_needed": False}
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.examples import DataError, iter_jsonl, unified_example
-from pipeline.labels import set_label
-from pipeline.records import Message
-from pipeline.store import Store
+from corefbot.pipeline.examples import DataError, iter_jsonl, unified_example
+from corefbot.pipeline.labels.rows import set_label
+from corefbot.pipeline.records import Message
+from corefbot.pipeline.store import Store
 
 IMPORT_PLATFORM = "import"
 _UNIFIED_TURN_GAP_S = 60.0  # turns of an imported dialogue never merge

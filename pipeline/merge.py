@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
-from pipeline.records import Merged, Message
+from corefbot.pipeline.records import Merged, Message
 
 DEFAULT_GAP_S = 18.0
 GroupKey = tuple[str, str]

@@ -8,6 +8,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Hashable, Iterable, Sequence
 
+from corefbot.pipeline.text import CJK
+
 
 @dataclass(frozen=True, slots=True)
 class Confusion:
@@ -72,13 +74,12 @@ def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:
     return 1.0 if expected == 1 else (observed - expected) / (1 - expected)
 
 
-_CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_TOKEN = re.compile(rf"[{_CJK}]|[^\s{_CJK}\W]+|[^\s\w]", re.UNICODE)
+_TOKEN = re.compile(rf"[{CJK}]|[^\s{CJK}\W]+|[^\s\w]", re.UNICODE)
 
 
 def tokens(text: str) -> list[str]:
     """Lower-cased words for Latin text, single characters for Chinese, punctuation dropped."""
-    return [t for t in _TOKEN.findall(text.lower()) if t.isalnum() or re.match(rf"[{_CJK}]", t)]
+    return [t for t in _TOKEN.findall(text.lower()) if t.isalnum() or re.match(rf"[{CJK}]", t)]
 
 
 def token_f1(pred: str, gold: str) -> float:

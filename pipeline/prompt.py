@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from pipeline.records import Decision, Turn
+from corefbot.pipeline.records import Decision, Turn
 
 DECISIONS: tuple[Decision, ...] = ("needs", "not_needed", "unknown")
 LETTERS = "ABC"

@@ -14,8 +14,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from pipeline.prompt import QUESTION_SCORE_PROMPT
-from pipeline.records import Turn
+from corefbot.pipeline.prompt import QUESTION_SCORE_PROMPT
+from corefbot.pipeline.records import Turn
 
 log = logging.getLogger(__name__)
 

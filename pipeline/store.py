@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import orjson
 import sqlite_utils
 
-from pipeline.records import Merged, Message
+from corefbot.pipeline.records import Merged, Message
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -336,16 +336,6 @@ class Store:
                         rows[table] = n
             self.db.conn.executemany("DELETE FROM merged WHERE id = ?", doomed)
         return rows
-
-    def forget_member(self, platform: str, sender: str) -> tuple[int, dict[str, int]]:
-        """Delete every message of one member, their merged runs and every row keyed by those.
-        Returns (messages deleted, other rows deleted per table)."""
-        ids = [r[0] for r in self.db.conn.execute(
-            "SELECT id FROM merged WHERE platform = ? AND sender = ?", (platform, sender))]
-        rows = self.delete_merged(ids)
-        with self.db.conn:
-            cur = self.db.conn.execute("DELETE FROM messages WHERE platform = ? AND sender = ?", (platform, sender))
-        return cur.rowcount, rows
 
     # ---- deployment metadata ----
     def meta(self, key: str) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable, Iterator
 
-from pipeline.records import Merged, Turn
+from corefbot.pipeline.records import Merged, Turn
 
 DEFAULT_WINDOW = 12  # the paper's rule (its reference code used 11)
 

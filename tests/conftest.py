@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from nonebug import NONEBOT_INIT_KWARGS
 
-from pipeline.store import Store
+from corefbot.pipeline.store import Store
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 # One NoneBot instance serves every nonebug test of the session (nonebug initialises it once); its
 # database is a fresh file, so tests look up their own groups/messages in it.
-NONEBUG_DB = Path(tempfile.mkdtemp(prefix="corefbot-nonebug-")) / "bot.db"
+NONEBUG_DB = Path(tempfile.mkdtemp(prefix="corefbot-nonebug-")) / "corefbot.db"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,7 +30,7 @@ def after_nonebot_init(after_nonebot_init: None) -> None:
     import nonebot
     from nonebot.adapters.onebot.v11 import Adapter as OneBotV11
 
-    from bot.app import PLUGINS
+    from corefbot.app import PLUGINS
 
     nonebot.get_driver().register_adapter(OneBotV11)
     for plugin in PLUGINS:
@@ -48,7 +48,7 @@ def store(tmp_path: Path) -> Store:
 def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen2 model with a locally trained ChatML tokenizer (HF format)."""
     pytest.importorskip("transformers")
-    from models.tiny import make_model
+    from corefbot.models.train.tiny import make_model
 
     return make_model("tiny", tmp_path_factory.mktemp("tiny_hf"))
 
@@ -66,7 +66,7 @@ def tiny_gguf(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model as the served format, a Q4_K_M GGUF. Its siblings in the same folder:
     ``tiny-f16.gguf`` (the converter's output) and ``tiny-q8_0.gguf``."""
     pytest.importorskip("llama_cpp")
-    from models.gguf import convert_hf_to_gguf, quantize
+    from corefbot.models.ship.gguf import convert_hf_to_gguf, quantize
 
     out = tmp_path_factory.mktemp("tiny_gguf")
     f16 = convert_hf_to_gguf(tiny_hf, out / "tiny-f16.gguf")

@@ -58,6 +58,6 @@ class Like:
 
 async def db(fn):
     """Run ``fn(store)`` on the bot's single writer (the nonebug session's database)."""
-    from plugins.chatlog import get_recorder
+    from corefbot.plugins.chatlog import get_recorder
 
     return await get_recorder().call(fn)

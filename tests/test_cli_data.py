@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.cli import main
+from corefbot.cli import main
 
 CHAT = [
     {"group": "g", "sender": "a", "text": "大家好，我在看 mmpose 的文档", "timestamp": 1000, "id": "1"},

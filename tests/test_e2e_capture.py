@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.demo import stored
-from bot.onebot_peer import OneBotPeer
-from bot.process import BotProcess
-from pipeline.store import Store
+from corefbot.demo import stored
+from corefbot.demo.peer import OneBotPeer
+from corefbot.demo.process import BotProcess
+from corefbot.pipeline.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ async def play(peer: OneBotPeer, start: float) -> list[int]:
 
 
 async def test_a_bilingual_conversation_lands_in_sqlite_merged_and_filtered(tmp_path: Path) -> None:
-    db = tmp_path / "bot.db"
+    db = tmp_path / "corefbot.db"
     with BotProcess(db, access_token="s3cret") as bot:
         intruder = OneBotPeer(bot.ws_url, access_token="wrong")
         with pytest.raises(ConnectionError):

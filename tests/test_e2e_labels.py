@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.onebot_peer import OneBotPeer
-from bot.process import BotProcess
-from pipeline.export import write_alpaca
-from pipeline.store import Store
+from corefbot.demo.peer import OneBotPeer
+from corefbot.demo.process import BotProcess
+from corefbot.pipeline.export import write_alpaca
+from corefbot.pipeline.store import Store
 
 GROUP = 778000
 CHAT = [(20001, "大家好，我在看 mmpose 的文档"), (20001, "Can mmpose be deployed on mobile phones?"),
@@ -136,8 +136,8 @@ async def forget_scenario(bot: BotProcess) -> str:
 
 @pytest.mark.slow
 def test_forgetme_leaves_nothing_in_database_or_fresh_export(tmp_path: Path) -> None:
-    from pipeline.export import iter_records
-    from pipeline.store import pseudonym
+    from corefbot.pipeline.export import iter_records
+    from corefbot.pipeline.store import pseudonym
 
     db = tmp_path / "forget.db"
     with BotProcess(db, env=ENV) as bot:

@@ -1,4 +1,4 @@
-"""End to end: the real bot process (``python -m bot``), a scripted OneBot v11 client over a real websocket,
+"""End to end: the real bot process (``python -m corefbot``), a scripted OneBot v11 client over a real websocket,
 and a loopback aiohttp assistant. The paper's exchange — "Can mmpose be deployed on mobile phones?", an
 answer, then another member's "@bot BTW, how to deploy it on TX2?" — must produce one forwarded query
 and one reply quoting the asker, with the rules backend, with a corrupt model (fallback to rules), with
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bot.demo import stored
-from bot.echo_assistant import EchoAssistant
-from bot.onebot_peer import OneBotPeer
-from bot.process import BotProcess, free_port
-from pipeline.store import Store
+from corefbot.demo import stored
+from corefbot.demo.assistant import EchoAssistant
+from corefbot.demo.peer import OneBotPeer
+from corefbot.demo.process import BotProcess, free_port
+from corefbot.pipeline.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def replies(peer: OneBotPeer) -> list:
 
 
 async def run_exchange(tmp_path: Path, env_extra: dict[str, str]) -> tuple[EchoAssistant, list, list[tuple], int, str]:
-    db = tmp_path / "bot.db"
+    db = tmp_path / "corefbot.db"
     async with EchoAssistant() as assistant:
         with BotProcess(db, env=bot_env(assistant.url, **env_extra)) as bot:
             peer = OneBotPeer(bot.ws_url, self_id=SELF_ID)
@@ -116,7 +116,7 @@ async def test_paper_exchange_with_tiny_llama_model(tmp_path: Path, tiny_gguf: P
 
 
 async def test_assistant_down_then_bot_restart_delivers_once(tmp_path: Path) -> None:
-    db = tmp_path / "bot.db"
+    db = tmp_path / "corefbot.db"
     assistant = EchoAssistant(port=free_port())
     env = bot_env(assistant.url)
     outbox_sql = "SELECT status, attempts, error FROM outbox"

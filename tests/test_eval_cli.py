@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from bot.cli import main
-from models.eval_resolver import evaluate, load_for_eval, score
-from pipeline.examples import load_unified
-from pipeline.export import alpaca_rows
+from corefbot.cli import main
+from corefbot.models.train.eval_resolver import evaluate, load_for_eval, score
+from corefbot.pipeline.examples import load_unified
+from corefbot.pipeline.export import alpaca_rows
 from tests.test_http_backend import LoopbackServer, completion
 
-ZH = Path(__file__).resolve().parents[1] / "models" / "data" / "zh_cases.jsonl"
+ZH = Path(__file__).resolve().parents[1] / "models" / "train" / "cases" / "zh_cases.jsonl"
 
 
 def run_eval(tmp_path: Path, *args: str) -> dict:
@@ -62,7 +62,7 @@ def test_alpaca_export_is_read_too(tmp_path: Path) -> None:
 
 
 def test_score_counts_forwarded_text() -> None:
-    from models.eval_resolver import Outcome
+    from corefbot.models.train.eval_resolver import Outcome
 
     examples = load_unified(ZH, split="test")[:2]  # a needs row, then its self-contained twin
     assert [e.label for e in examples] == ["needs", "not_needed"]

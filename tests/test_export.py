@@ -5,13 +5,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from pipeline.build import build
-from pipeline.export import alpaca_rows, iter_records, manifest_path, store_examples, write_alpaca
-from pipeline.labels import set_label
-from pipeline.prompt import LETTERS, build_prompt
-from pipeline.records import Example, Message, Turn
-from pipeline.store import Store, pseudonym
-from pipeline.window import with_windows
+from corefbot.pipeline.build import build
+from corefbot.pipeline.export import alpaca_rows, iter_records, manifest_path, store_examples, write_alpaca
+from corefbot.pipeline.labels.rows import set_label
+from corefbot.pipeline.prompt import LETTERS, build_prompt
+from corefbot.pipeline.records import Example, Message, Turn
+from corefbot.pipeline.store import Store, pseudonym
+from corefbot.pipeline.window import with_windows
 
 PAPER_CHAT = [  # (sender, seconds, text)
     ("u_lin", 0, "大家好，我在看 mmpose 的文档"),

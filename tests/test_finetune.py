@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from models.finetune import (FinetuneConfig, encode_examples, file_sha256, load_preset, make_batches)
-from pipeline.prompt import LETTERS, build_prompt, target
-from pipeline.records import Example, Turn
+from corefbot.models.train.finetune import (FinetuneConfig, encode_examples, file_sha256, load_preset, make_batches)
+from corefbot.pipeline.prompt import LETTERS, build_prompt, target
+from corefbot.pipeline.records import Example, Turn
 
 pytest.importorskip("peft")
 
@@ -98,8 +98,8 @@ def test_response_only_loss_equals_the_full_head_loss(tiny_hf: Path) -> None:
     """The head applied to response positions only gives the loss HF computes with masked labels."""
     import torch
 
-    from models.finetune import _response_loss_module, setup
-    from models.hf_eval import pad
+    from corefbot.models.train.finetune import _response_loss_module, setup
+    from corefbot.models.train.evaluate import pad
 
     session = setup(tiny_hf, load_preset("tiny"))
     enc, _ = encode_examples(chat_examples(4), session.tokenizer)
@@ -117,8 +117,8 @@ def test_response_only_loss_equals_the_full_head_loss(tiny_hf: Path) -> None:
 
 @pytest.mark.slow
 def test_fit_learns_and_loraplus_runs(tiny_hf: Path) -> None:
-    from models.finetune import fit, setup
-    from models.hf_eval import response_losses
+    from corefbot.models.train.finetune import fit, setup
+    from corefbot.models.train.evaluate import response_losses
 
     exs = chat_examples(16)
     config = load_preset("tiny", learning_rate=1e-2, max_steps=25)
@@ -137,7 +137,7 @@ def test_fit_learns_and_loraplus_runs(tiny_hf: Path) -> None:
     assert lrs[0] < lrs[1] and lrs[-1] == pytest.approx(0.0, abs=1e-9)
 
     plus = setup(tiny_hf, load_preset("tiny", loraplus_lr_ratio=16, max_steps=2))
-    from models.finetune import _optimizer
+    from corefbot.models.train.finetune import _optimizer
 
     lrs_plus = sorted({g["lr"] for g in _optimizer(plus.model, plus.config).param_groups})
     lr = plus.config.learning_rate
@@ -147,7 +147,7 @@ def test_fit_learns_and_loraplus_runs(tiny_hf: Path) -> None:
 
 @pytest.mark.slow
 def test_run_writes_a_self_describing_folder(tiny_hf: Path, tmp_path: Path) -> None:
-    from models.finetune import read_run, run, run_split
+    from corefbot.models.train.run import read_run, run, run_split
 
     data = write_unified(tmp_path / "labels.jsonl", chat_examples(90))
     config = load_preset("tiny", max_steps=4, eval_max_examples=12, rewrite_max_new_tokens=4)
@@ -177,7 +177,7 @@ def test_run_writes_a_self_describing_folder(tiny_hf: Path, tmp_path: Path) -> N
 def test_selection_scores_and_top_share() -> None:
     import math
 
-    from models.selection import ifd, learnability, top_share
+    from corefbot.models.train.selection import ifd, learnability, top_share
 
     assert learnability(2.0, 0.5) == pytest.approx(0.75)
     assert learnability(2.0, 3.0) == pytest.approx(-0.5)
@@ -196,9 +196,9 @@ def test_selection_scores_and_top_share() -> None:
 def test_select_ifd_trains_on_the_top_share_and_reports(tiny_hf: Path, tmp_path: Path) -> None:
     import math
 
-    from models.finetune import run
-    from models.hf_eval import load_model
-    from models.selection import answer_losses
+    from corefbot.models.train.run import run
+    from corefbot.models.train.evaluate import load_model
+    from corefbot.models.train.selection import answer_losses
 
     exs = chat_examples(60, seed=5)
     model, tok = load_model(tiny_hf)

@@ -8,23 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from bot.echo_assistant import EchoAssistant
-from bot.process import free_port
-from pipeline.question import QuestionFilter
-from pipeline.records import Message
+from corefbot.demo.assistant import EchoAssistant
+from corefbot.demo.process import free_port
+from corefbot.pipeline.question import QuestionFilter
+from corefbot.pipeline.records import Message
 
 # plugins.* import NoneBot plugins, which need the NoneBot that nonebug starts after collection: import late.
 BOT = "10000"
 
 
 def _forward():
-    from plugins.resolver import forward
+    from corefbot.plugins.resolver import forward
 
     return forward
 
 
 def _policy(**kw):
-    from plugins.resolver.outbox import RetryPolicy
+    from corefbot.plugins.resolver.outbox import RetryPolicy
 
     return RetryPolicy(**kw)
 
@@ -104,9 +104,9 @@ class Harness:
     """A recorder + resolver service on one database file, the chat side recorded in ``posted``."""
 
     def __init__(self, db: Path, url: str | None, *, retry, timeout_s: float = 5.0, rate=None) -> None:
-        from models.resolver import load_resolver
-        from plugins.chatlog.recorder import Recorder
-        from plugins.resolver.service import RateLimiter, ResolverService, ServiceOptions
+        from corefbot.models.serve.resolver import load_resolver
+        from corefbot.plugins.chatlog.recorder import Recorder
+        from corefbot.plugins.resolver.service import RateLimiter, ResolverService, ServiceOptions
 
         self.db = db
         self.recorder = Recorder(db, question_filter=QuestionFilter())
@@ -218,7 +218,7 @@ async def test_pending_items_resume_after_restart_and_are_not_resent(tmp_path: P
 
 
 async def test_reply_interrupted_mid_post_is_never_resent(tmp_path: Path) -> None:
-    from plugins.resolver import outbox
+    from corefbot.plugins.resolver import outbox
 
     db = tmp_path / "b.db"
     async with EchoAssistant() as assistant:
@@ -292,7 +292,7 @@ def test_backoff_doubles_and_is_capped() -> None:
 
 
 def test_finished_items_are_purged_after_the_keep_period(store) -> None:
-    from plugins.resolver import outbox
+    from corefbot.plugins.resolver import outbox
 
     now = 1_000_000.0
     ids = {}
@@ -309,7 +309,7 @@ def test_finished_items_are_purged_after_the_keep_period(store) -> None:
 
 
 def test_rate_limiter_smooths_a_burst_then_drops() -> None:
-    from plugins.resolver.service import RateLimiter
+    from corefbot.plugins.resolver.service import RateLimiter
 
     rate, a, b = RateLimiter(2, 60.0), ("onebotv11", "1"), ("onebotv11", "2")
     assert [rate.reserve(a, now=0.0), rate.reserve(a, now=1.0)] == [0.0, 0.0]

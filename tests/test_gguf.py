@@ -1,4 +1,4 @@
-"""models.gguf: HF Qwen2 → GGUF conversion and llama.cpp quantization, checked against transformers."""
+"""corefbot.models.ship.gguf: HF Qwen2 → GGUF conversion and llama.cpp quantization, checked against transformers."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
 
-from models.gguf import convert_hf_to_gguf, quantize  # noqa: E402
-from pipeline.prompt import build_prompt  # noqa: E402
-from pipeline.records import Turn  # noqa: E402
+from corefbot.models.ship.gguf import convert_hf_to_gguf, quantize  # noqa: E402
+from corefbot.pipeline.prompt import build_prompt  # noqa: E402
+from corefbot.pipeline.records import Turn  # noqa: E402
 
 WINDOW = [
     Turn("u1", "mmpose 能部署到手机上吗？", 0.0),

@@ -18,10 +18,10 @@ from typing import Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from models.http_backend import HttpBackend, HttpBackendError, chat_completions_url
-from models.resolver import load_resolver
-from pipeline.prompt import DECISIONS, SYSTEM, build_prompt
-from pipeline.records import Turn
+from corefbot.models.serve.http import HttpBackend, HttpBackendError, chat_completions_url
+from corefbot.models.serve.resolver import load_resolver
+from corefbot.pipeline.prompt import DECISIONS, SYSTEM, build_prompt
+from corefbot.pipeline.records import Turn
 
 WINDOW = (Turn("u1", "有人用过 mmpose 吗？", 1.0), Turn("u2", "用过，x86 上跑 RTMPose 挺快的", 2.0))
 QUESTION = Turn("u3", "BTW, how to deploy it on TX2?", 3.0)
@@ -141,7 +141,7 @@ def test_unreadable_answer_is_unknown_not_not_needed(serve, caplog: pytest.LogCa
         # An empty token among the alternatives is no letter (it is a substring of "ABC", though).
         return web.json_response(completion("I think it does need it.", {"I": -0.1, "": -0.5, "Sure": -2.0}))
 
-    with caplog.at_level(logging.WARNING, logger="models.http_backend"):
+    with caplog.at_level(logging.WARNING, logger="corefbot.models.serve.http"):
         res = HttpBackend(serve(handler).url).resolve(WINDOW, QUESTION)
     assert res.decision == "unknown" and res.rewrite is None
     assert "unreadable answer" in caplog.text

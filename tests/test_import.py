@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.build import build
-from pipeline.examples import DataError
-from pipeline.export import store_examples
-from pipeline.importer import import_jsonl
-from pipeline.store import Store
+from corefbot.pipeline.build import build
+from corefbot.pipeline.examples import DataError
+from corefbot.pipeline.export import store_examples
+from corefbot.pipeline.importer import import_jsonl
+from corefbot.pipeline.store import Store
 
 
 def write(path: Path, lines: list) -> Path:

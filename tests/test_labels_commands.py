@@ -11,8 +11,8 @@ import pytest
 from nonebot.adapters.onebot.v11 import Message, MessageSegment
 from nonebug import App
 
-from pipeline.labels import ConfirmLimits
-from pipeline.records import Merged
+from corefbot.pipeline.labels.limits import ConfirmLimits
+from corefbot.pipeline.records import Merged
 from tests.onebot_events import Like, db, group_message, make_bot, reply_to
 
 PLATFORM = "onebotv11"
@@ -34,7 +34,7 @@ async def eventually(fn, timeout: float = 5.0):
 @pytest.fixture
 def clock():
     """The labels plugin's clock, settable by the test; the plugin's limits opened up unless a test narrows them."""
-    from plugins.labels import runtime
+    from corefbot.plugins.labels import runtime
 
     saved = runtime.clock, runtime.limits, runtime.config.corefbot_labels_random_share
     now = [NOON]
@@ -47,7 +47,7 @@ def clock():
 
 def seed(group: int, questions: list[tuple[str, str, float | None]], chat: int = 3) -> list[str]:
     """Store some chat and some questions (sender, text, the model's margin) in a group; returns merged ids."""
-    from pipeline.records import Message as Msg
+    from corefbot.pipeline.records import Message as Msg
 
     def run(store):
         g = str(group)
@@ -79,7 +79,7 @@ def labels(merged_id: str):
 
 
 def item_of(merged_id: str):
-    from pipeline.labels import item_id
+    from corefbot.pipeline.labels.rows import item_id
 
     return lambda store: item_id(store, merged_id)
 
@@ -129,7 +129,7 @@ async def test_admin_next_label_by_id_and_by_letter_with_audit(app: App, clock) 
 
 
 async def test_superuser_and_listed_moderator_allowed_malformed_gets_usage(app: App, clock, monkeypatch) -> None:
-    from plugins.labels import runtime
+    from corefbot.plugins.labels import runtime
 
     monkeypatch.setattr(runtime.config, "corefbot_moderators", {"40021"})
     await db(seed(7403, [("40022", "how to deploy it on TX2?", 0.2)]))
@@ -183,7 +183,7 @@ async def test_bare_letter_answers_the_moderators_item_only(app: App, clock) -> 
 
 
 async def test_stats_reports_counts_kappa_and_today(app: App, clock) -> None:
-    from pipeline.labels import set_label
+    from corefbot.pipeline.labels.rows import set_label
 
     ids = await db(seed(7407, [("40051", "how to deploy it on TX2?", 0.1), ("40052", "那个怎么装？", 0.2),
                               ("40053", "is it supported on Windows?", 0.3)]))
@@ -213,11 +213,11 @@ def prompt_rows(group: int):
 async def confirm(app: App, group: int, author: int, text: str, message_id: int, bot_message_id: int,
                   decision: str = "needs", rewrite: str | None = "How to deploy mmpose on TX2?") -> str:
     """Run the labels plugin's resolution listener on a stored question; expect the prompt to go out."""
-    from models.resolver import Resolution
-    from plugins.chatlog import Update
-    from plugins.labels.confirm import on_resolution
-    from plugins.labels.texts import prompt_text
-    from pipeline.records import Message as Msg
+    from corefbot.models.serve.resolver import Resolution
+    from corefbot.plugins.chatlog import Update
+    from corefbot.plugins.labels.confirm import on_resolution
+    from corefbot.plugins.labels.texts import prompt_text
+    from corefbot.pipeline.records import Message as Msg
 
     m = Msg(PLATFORM, str(group), str(message_id), str(author), NOON, text)
     merged = Merged(id=m.key, platform=PLATFORM, group=str(group), sender=str(author), text=text, timestamp=NOON,
@@ -274,11 +274,11 @@ async def test_bare_answer_within_expiry_and_never_after(app: App, clock) -> Non
 
 
 async def test_limits_and_quiet_hours_through_the_plugin(app: App, clock) -> None:
-    from models.resolver import Resolution
-    from plugins.chatlog import Update
-    from plugins.labels import runtime
-    from plugins.labels.confirm import on_resolution
-    from pipeline.records import Message as Msg
+    from corefbot.models.serve.resolver import Resolution
+    from corefbot.plugins.chatlog import Update
+    from corefbot.plugins.labels import runtime
+    from corefbot.plugins.labels.confirm import on_resolution
+    from corefbot.pipeline.records import Message as Msg
 
     runtime.limits = ConfirmLimits(per_group_day=1, per_member_day=1, per_1000=1e6, group_gap_s=0,
                                    quiet=(23 * 60, 8 * 60), tz=timezone.utc)
@@ -304,7 +304,7 @@ async def test_limits_and_quiet_hours_through_the_plugin(app: App, clock) -> Non
 
 async def test_optout_optin_and_forgetme(app: App, clock) -> None:
     merged_id = await confirm(app, 7411, 40091, "does it run on the Orin board?", 6111, 96111)
-    from plugins.labels import runtime
+    from corefbot.plugins.labels import runtime
 
     runtime.limits = replace(OPEN, per_group_day=1)  # the resolver sees the questions below: no more prompts
     async with app.test_matcher() as ctx:
@@ -372,7 +372,7 @@ async def test_private_chat_superuser_reviews_every_group_others_refused(app: Ap
 
 
 async def test_item_on_screen_whose_author_forgot_themselves_is_not_labelled(app: App, clock) -> None:
-    from pipeline.labels import forget_member
+    from corefbot.pipeline.labels.forget import forget_member
 
     ids = await db(seed(7413, [("40111", "how to flash it onto the board?", 0.0), ("40112", "why does it hang?", 0.5)]))
     n0 = await db(item_of(ids[0]))

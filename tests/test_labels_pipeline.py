@@ -8,14 +8,16 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pipeline.export import iter_records, write_alpaca
-from pipeline.labels import (
-    ConfirmLimits, UndoConflict, answer_prompt, ask_refusal, effective_labels, forget_member, in_quiet_hours,
-    item_id, label_stats, labels_of, merged_of_item, parse_answer, parse_quiet_hours, prompt_sent, reserve_prompt,
-    review_next, set_label, undo_last,
-)
-from pipeline.records import Merged, Message
-from pipeline.store import Store, pseudonym
+from corefbot.pipeline.export import iter_records, write_alpaca
+from corefbot.pipeline.labels.forget import forget_member
+from corefbot.pipeline.labels.limits import ConfirmLimits, ask_refusal, in_quiet_hours, parse_quiet_hours
+from corefbot.pipeline.labels.prompts import answer_prompt, parse_answer, prompt_sent, reserve_prompt
+from corefbot.pipeline.labels.review import review_next
+from corefbot.pipeline.labels.rows import effective_labels, item_id, labels_of, merged_of_item, set_label
+from corefbot.pipeline.labels.stats import label_stats
+from corefbot.pipeline.labels.undo import UndoConflict, undo_last
+from corefbot.pipeline.records import Merged, Message
+from corefbot.pipeline.store import Store, pseudonym
 
 UTC = timezone.utc
 # A Wednesday, 12:00 UTC: outside the default quiet hours when the clock's zone is UTC.
@@ -107,7 +109,7 @@ def test_stats_kappa_and_calendar_windows(store: Store) -> None:
     assert stats.by_source == {"member": 6, "moderator": 5}
     assert stats.by_label == {"needs": 4, "not_needed": 1, "not_question": 1}
     assert stats.kappa_n == 5
-    from pipeline.metrics import cohen_kappa
+    from corefbot.pipeline.metrics import cohen_kappa
     assert stats.kappa == pytest.approx(cohen_kappa(member[:4] + member[5:], moderator[:4] + moderator[5:]))
     assert 0 < stats.kappa < 1
     assert stats.today == {"moderator": 5} and stats.week == {"member": 6, "moderator": 5}
@@ -237,7 +239,7 @@ def test_alpaca_export_moderator_first_member_optional_rewrite_kept(store: Store
 
 
 def test_forget_member_also_clears_the_outbox(store: Store) -> None:
-    from pipeline.build import build
+    from corefbot.pipeline.build import build
 
     store.insert_messages([Message("onebotv11", "g", "1", "carol", 100.0, "How to deploy mmpose on TX2?")])
     build(store)

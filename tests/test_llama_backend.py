@@ -1,4 +1,4 @@
-"""models.llama_backend on the tiny Q4_K_M model: decisions, grammar, state reuse, errors, queue, timeout."""
+"""corefbot.models.serve.llama on the tiny Q4_K_M model: decisions, grammar, state reuse, errors, queue, timeout."""
 from __future__ import annotations
 
 import threading
@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from models.llama_backend import REWRITE_GRAMMAR, BackendBusy, LlamaBackend  # noqa: E402
-from pipeline.prompt import DECISIONS  # noqa: E402
-from pipeline.records import Turn  # noqa: E402
+from corefbot.models.serve.llama import REWRITE_GRAMMAR, BackendBusy, LlamaBackend  # noqa: E402
+from corefbot.pipeline.prompt import DECISIONS  # noqa: E402
+from corefbot.pipeline.records import Turn  # noqa: E402
 
 WINDOW = [
     Turn("alice", "mmpose 能部署到手机上吗？", 0.0),
@@ -183,7 +183,7 @@ def test_closed_backend_refuses_requests(tiny_gguf: Path):
 
 @pytest.mark.parametrize("bad", ["absent.gguf", "corrupt.gguf"])
 def test_load_resolver_falls_back_to_rules(tmp_path: Path, bad: str):
-    from models.resolver import load_resolver
+    from corefbot.models.serve.resolver import load_resolver
 
     path = tmp_path / bad
     if bad == "corrupt.gguf":
@@ -201,7 +201,7 @@ def test_load_resolver_falls_back_to_rules(tmp_path: Path, bad: str):
 
 
 def test_load_resolver_serves_the_gguf(tiny_gguf: Path):
-    from models.resolver import load_resolver
+    from corefbot.models.serve.resolver import load_resolver
 
     resolver = load_resolver("llama-cpp", model_path=str(tiny_gguf), n_threads=1)
     try:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import random
 
-from pipeline.build import build, score_run
-from pipeline.merge import Merger, merge_all
-from pipeline.question import QuestionFilter
-from pipeline.records import Message
-from pipeline.store import Store
+from corefbot.pipeline.build import build, score_run
+from corefbot.pipeline.merge import Merger, merge_all
+from corefbot.pipeline.question import QuestionFilter
+from corefbot.pipeline.records import Message
+from corefbot.pipeline.store import Store
 
 
 def msg(i: int, sender: str, t: float, text: str = "", group: str = "g", reply_to: str | None = None) -> Message:

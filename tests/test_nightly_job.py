@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from models import registry
-from models.nightly import NightlyConfig, NightlyLock, lock_path, recent_runs, run_nightly
-from pipeline.build import build
-from pipeline.store import Store
+from corefbot.models.ship import registry
+from corefbot.models.ship.nightly import NightlyConfig, NightlyLock, lock_path, recent_runs, run_nightly
+from corefbot.pipeline.build import build
+from corefbot.pipeline.store import Store
 
-CASES = Path(__file__).resolve().parents[1] / "models" / "data"
+CASES = Path(__file__).resolve().parents[1] / "models" / "train" / "cases"
 # Few steps, decisions only: the job's plumbing is under test here, not the model's quality.
 QUICK = {"max_steps": 4, "eval_rewrites": False, "eval_max_examples": 24}
 
 
 def labelled_db(path: Path, rows: int) -> Path:
     """A bot database holding ``rows`` labelled questions of the project's own zh/en cases."""
-    from pipeline.importer import import_jsonl
+    from corefbot.pipeline.importer import import_jsonl
 
     lines = []
     for name in ("zh_cases.jsonl", "en_cases.jsonl"):
@@ -51,7 +51,7 @@ def read(db: Path, fn):
 
 
 def test_too_few_new_labels_is_skipped_with_a_note(tmp_path: Path) -> None:
-    db = labelled_db(tmp_path / "bot.db", 20)
+    db = labelled_db(tmp_path / "corefbot.db", 20)
     report = run_nightly(db, NightlyConfig(base_model=tmp_path / "no-model", min_new_labels=500))
     assert report.status == "skipped"
     assert report.labels == read(db, lambda s: s.count("labels")) > 0
@@ -63,7 +63,7 @@ def test_too_few_new_labels_is_skipped_with_a_note(tmp_path: Path) -> None:
 
 
 def test_a_crash_before_training_leaves_the_registry_alone(tmp_path: Path) -> None:
-    db = labelled_db(tmp_path / "bot.db", 20)
+    db = labelled_db(tmp_path / "corefbot.db", 20)
     serving_file = tmp_path / "serving.gguf"
     serving_file.write_bytes(b"GGUF" + b"\0" * 64)
     v = read(db, lambda s: registry.register(s, gguf_path=serving_file, status="serving"))
@@ -77,7 +77,7 @@ def test_a_crash_before_training_leaves_the_registry_alone(tmp_path: Path) -> No
 
 
 def test_a_second_run_while_one_holds_the_lock_is_busy_across_processes(tmp_path: Path) -> None:
-    db = labelled_db(tmp_path / "bot.db", 10)
+    db = labelled_db(tmp_path / "corefbot.db", 10)
     lock = lock_path(tmp_path / "nightly")
     lock.parent.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -94,7 +94,7 @@ def test_a_second_run_while_one_holds_the_lock_is_busy_across_processes(tmp_path
         assert report.status == "busy" and str(holder.pid) in report.reason
         assert read(db, recent_runs) == []  # a refused run touches nothing
         # The CLI says so with its own exit status.
-        from bot.cli import main
+        from corefbot.cli import main
 
         assert main(["--db", str(db), "nightly", "--now", "--json"]) == 3
     finally:
@@ -107,10 +107,10 @@ def test_a_second_run_while_one_holds_the_lock_is_busy_across_processes(tmp_path
 
 
 def test_cli_prints_the_report_and_maps_outcomes_to_exit_codes(tmp_path: Path, capsys, monkeypatch) -> None:
-    from bot.cli import main
+    from corefbot.cli import main
 
     monkeypatch.delenv("COREFBOT_BASE_MODEL", raising=False)
-    db = labelled_db(tmp_path / "bot.db", 10)
+    db = labelled_db(tmp_path / "corefbot.db", 10)
     assert main(["--db", str(db), "nightly", "--now", "--json", "--min-new-labels", "1000"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["status"] == "skipped" and report["trigger"] == "cli"
@@ -134,7 +134,7 @@ def test_cli_prints_the_report_and_maps_outcomes_to_exit_codes(tmp_path: Path, c
 def test_nightly_end_to_end_promote_skip_refuse_and_crash(tmp_path: Path, tiny_hf: Path) -> None:
     """Train → evaluate → promote → GGUF on the tiny model; then: nothing new → skip; a candidate that
     cannot beat the serving model → refused; a crash just before the registry flip → nothing changes."""
-    db = labelled_db(tmp_path / "bot.db", 80)
+    db = labelled_db(tmp_path / "corefbot.db", 80)
     base = dict(base_model=tiny_hf, preset="tiny", finetune_overrides=QUICK, min_agreement=0.0,
                 agreement_examples=16, min_new_labels=10)
 
@@ -148,8 +148,8 @@ def test_nightly_end_to_end_promote_skip_refuse_and_crash(tmp_path: Path, tiny_h
     assert Path(serving.gguf_path).is_file() and Path(serving.gguf_path).parent == Path(first.run_dir)
     assert serving.metrics["baseline_f1"] == pytest.approx(first.f1_before)
     assert f"Promoted as v{serving.id}" in first.summary
-    from models.llama_backend import LlamaBackend
-    from pipeline.records import Turn
+    from corefbot.models.serve.llama import LlamaBackend
+    from corefbot.pipeline.records import Turn
 
     backend = LlamaBackend(serving.gguf_path, n_threads=2)
     try:  # the promoted file is a model llama.cpp serves
@@ -165,8 +165,8 @@ def test_nightly_end_to_end_promote_skip_refuse_and_crash(tmp_path: Path, tiny_h
     assert set((tmp_path / "nightly" / "runs").iterdir()) == runs_dirs
 
     # 3. A new moderator label arrives, but no candidate can gain more than 1.0 F1: refused, serving kept.
-    from pipeline.export import store_examples
-    from pipeline.labels import set_label
+    from corefbot.pipeline.export import store_examples
+    from corefbot.pipeline.labels.rows import set_label
 
     def relabel(store: Store) -> None:
         e = store_examples(store)[0]
@@ -197,9 +197,9 @@ def test_nightly_end_to_end_promote_skip_refuse_and_crash(tmp_path: Path, tiny_h
 
 
 def test_prune_keeps_the_newest_and_what_the_registry_may_serve(tmp_path: Path) -> None:
-    from models.nightly import prune_runs
+    from corefbot.models.ship.nightly import prune_runs
 
-    store = Store(tmp_path / "bot.db")
+    store = Store(tmp_path / "corefbot.db")
     try:
         runs = tmp_path / "nightly" / "runs"
         names = [f"2026110{d}-033000-run{d}" for d in range(1, 7)]

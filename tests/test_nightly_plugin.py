@@ -19,8 +19,8 @@ from tests.onebot_events import Like, db, group_message, make_bot
 # ---- the schedule ---------------------------------------------------------------------------------
 
 def test_trigger_time_timezone_cron_and_enabled() -> None:
-    from plugins.nightly.config import Config
-    from plugins.nightly.job import make_trigger
+    from corefbot.plugins.nightly.config import Config
+    from corefbot.plugins.nightly.job import make_trigger
 
     noon_utc = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
     cfg = Config(corefbot_timezone="Asia/Shanghai")
@@ -65,7 +65,7 @@ async def test_scheduler_fires_on_its_trigger_and_runs_never_overlap(tmp_path: P
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
     from apscheduler.triggers.interval import IntervalTrigger
 
-    from plugins.nightly.job import NightlyRunner, install
+    from corefbot.plugins.nightly.job import NightlyRunner, install
 
     runner = NightlyRunner(lambda trigger, force: [*fake_job(tmp_path, 0.8), trigger], log_dir=tmp_path / "logs")
     reports = []
@@ -90,7 +90,7 @@ async def test_scheduler_fires_on_its_trigger_and_runs_never_overlap(tmp_path: P
 
 
 async def test_runner_refuses_a_second_start_and_reports_crashes(tmp_path: Path) -> None:
-    from plugins.nightly.job import NightlyRunner
+    from corefbot.plugins.nightly.job import NightlyRunner
 
     runner = NightlyRunner(lambda trigger, force: [*fake_job(tmp_path, 0.5), trigger], log_dir=tmp_path / "logs")
     first, second = await asyncio.gather(runner.run("schedule"), runner.run("moderator:1"))
@@ -109,19 +109,19 @@ async def test_runner_refuses_a_second_start_and_reports_crashes(tmp_path: Path)
 
 
 def test_job_argv_carries_the_bot_settings(tmp_path: Path) -> None:
-    from plugins.nightly.config import Config
-    from plugins.nightly.job import job_argv
+    from corefbot.plugins.nightly.config import Config
+    from corefbot.plugins.nightly.job import job_argv
 
     cfg = Config(corefbot_base_model=tmp_path / "base", corefbot_nightly_preset="tiny",
                  corefbot_nightly_margin=0.02, corefbot_nightly_args="--max-steps 7")
-    argv = job_argv(cfg, tmp_path / "bot.db", trigger="schedule", force=True)
-    assert argv[:3] == [sys.executable, "-m", "bot.cli"]
-    from bot.cli import build_parser
+    argv = job_argv(cfg, tmp_path / "corefbot.db", trigger="schedule", force=True)
+    assert argv[:3] == [sys.executable, "-m", "corefbot.cli"]
+    from corefbot.cli import build_parser
 
     args = build_parser().parse_args(argv[3:])
     assert (args.command, args.now, args.json, args.force, args.trigger) == ("nightly", True, True, True, "schedule")
     assert (args.db, args.base, args.preset, args.margin, args.max_steps) == \
-        (str(tmp_path / "bot.db"), str(tmp_path / "base"), "tiny", 0.02, 7)
+        (str(tmp_path / "corefbot.db"), str(tmp_path / "base"), "tiny", 0.02, 7)
 
 
 # ---- /model ---------------------------------------------------------------------------------------
@@ -130,8 +130,8 @@ def test_job_argv_carries_the_bot_settings(tmp_path: Path) -> None:
 async def registry_rows():
     """Model versions registered by a test are removed afterwards (the nonebug database is shared), and
     the resolver goes back to the model it had."""
-    from plugins.nightly import runtime
-    from plugins.resolver import get_service
+    from corefbot.plugins.nightly import runtime
+    from corefbot.plugins.resolver import get_service
 
     service = get_service()
     resolver = service.resolver
@@ -144,9 +144,9 @@ async def registry_rows():
 
 
 async def test_model_commands_are_refused_for_members(app: App, registry_rows, tmp_path: Path) -> None:
-    from models import registry
-    from plugins.nightly import runtime
-    from plugins.nightly.commands import REFUSAL
+    from corefbot.models.ship import registry
+    from corefbot.plugins.nightly import runtime
+    from corefbot.plugins.nightly.commands import REFUSAL
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
@@ -163,7 +163,7 @@ async def test_model_commands_are_refused_for_members(app: App, registry_rows, t
 
 
 async def test_model_status_and_history_for_an_admin(app: App, registry_rows, tmp_path: Path) -> None:
-    from models import registry
+    from corefbot.models.ship import registry
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
@@ -193,8 +193,8 @@ async def test_model_status_and_history_for_an_admin(app: App, registry_rows, tm
 @pytest.mark.slow
 async def test_model_rollback_swaps_the_served_model_back(app: App, registry_rows, tmp_path: Path,
                                                           tiny_gguf: Path) -> None:
-    from models import registry
-    from plugins.nightly import runtime
+    from corefbot.models.ship import registry
+    from corefbot.plugins.nightly import runtime
 
     old, new = tmp_path / "old.gguf", tmp_path / "new.gguf"
     shutil.copy(tiny_gguf, old)
@@ -227,7 +227,7 @@ async def test_model_rollback_swaps_the_served_model_back(app: App, registry_row
 async def test_model_retrain_runs_the_job_in_its_own_process_and_reports_back(app: App, registry_rows) -> None:
     """The real `corefbot nightly --now` in a child process; with no base model configured it fails
     cleanly, and the summary reaches the superuser privately and the asking group."""
-    from plugins.nightly import runtime
+    from corefbot.plugins.nightly import runtime
 
     async with app.test_matcher() as ctx:
         bot = make_bot(ctx)
@@ -249,7 +249,7 @@ async def test_model_retrain_runs_the_job_in_its_own_process_and_reports_back(ap
 
 
 async def test_announce_goes_to_the_moderator_groups_when_set(app: App) -> None:
-    from plugins.nightly import runtime
+    from corefbot.plugins.nightly import runtime
 
     saved = runtime.config.corefbot_moderator_groups, runtime.config.corefbot_nightly_notify
     try:

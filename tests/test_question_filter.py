@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.question import QuestionFilter, parse_score, rule_score, text_length
+from corefbot.pipeline.question import QuestionFilter, parse_score, rule_score, text_length
 
 QUESTIONS = [
     "Can mmpose be deployed on mobile phones?",
@@ -62,9 +62,9 @@ def test_second_stage_llm_scorer_over_an_openai_compatible_endpoint(store) -> No
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from pipeline.build import build
-    from pipeline.question import OpenAIScorer
-    from pipeline.records import Message
+    from corefbot.pipeline.build import build
+    from corefbot.pipeline.question import OpenAIScorer
+    from corefbot.pipeline.records import Message
 
     prompts: list[str] = []
 

@@ -14,8 +14,8 @@ import pytest
 from nonebot.adapters.onebot.v11 import Message, MessageSegment
 from nonebug import App
 
-from bot.echo_assistant import EchoAssistant
-from pipeline.records import Turn
+from corefbot.demo.assistant import EchoAssistant
+from corefbot.pipeline.records import Turn
 from tests.onebot_events import group_message, make_bot, reply_to
 
 BOT = 10000
@@ -24,8 +24,8 @@ BOT = 10000
 @contextlib.asynccontextmanager
 async def assistant_for(service, **options):
     """Point the running service at a loopback assistant (and per-test options) for the test's duration."""
-    from plugins.resolver.forward import AssistantClient
-    from plugins.resolver.service import RateLimiter
+    from corefbot.plugins.resolver.forward import AssistantClient
+    from corefbot.plugins.resolver.service import RateLimiter
 
     saved = service.assistant, service.options
     async with EchoAssistant() as assistant:
@@ -39,8 +39,8 @@ async def assistant_for(service, **options):
 
 
 async def settle() -> None:
-    from plugins.chatlog import get_recorder
-    from plugins.resolver import get_service
+    from corefbot.plugins.chatlog import get_recorder
+    from corefbot.plugins.resolver import get_service
 
     await get_recorder().flush()
     await get_service().wait_idle()
@@ -55,8 +55,8 @@ async def say(bot, text, **kw) -> None:
 
 def expected_reply(window: list[str], question: str, *, reply_id: int, asker: int) -> tuple[Message, str]:
     """The reply the bot should post, computed by the same served resolver (rules) on the same window."""
-    from models.resolver import load_resolver
-    from pipeline.records import Turn
+    from corefbot.models.serve.resolver import load_resolver
+    from corefbot.pipeline.records import Turn
 
     resolution = load_resolver("rules").resolve([Turn("x", t, 0.0) for t in window], Turn("y", question, 1.0))
     query = resolution.query(question)
@@ -65,7 +65,7 @@ def expected_reply(window: list[str], question: str, *, reply_id: int, asker: in
 
 
 async def decisions(group: int) -> list[tuple]:
-    from plugins.chatlog import get_recorder
+    from corefbot.plugins.chatlog import get_recorder
 
     return await get_recorder().call(lambda s: s.db.conn.execute(
         "SELECT d.question, d.decision, d.forwarded FROM decisions d JOIN merged m ON m.id = d.merged_id "
@@ -74,14 +74,14 @@ async def decisions(group: int) -> list[tuple]:
 
 async def delivered(group: int) -> list[tuple[str, str]]:
     """(status, reply message id) of the group's outbox items: a reply nonebug rejected stays undelivered."""
-    from plugins.chatlog import get_recorder
+    from corefbot.plugins.chatlog import get_recorder
 
     return await get_recorder().call(lambda s: s.db.conn.execute(
         "SELECT status, reply_message_id FROM outbox WHERE group_id = ? ORDER BY id", (str(group),)).fetchall())
 
 
 async def test_mentioned_question_is_resolved_forwarded_and_answered(app: App) -> None:
-    from plugins.resolver import get_service
+    from corefbot.plugins.resolver import get_service
 
     now, g = time.time() - 100, 601
     async with assistant_for(get_service(), reply_mode="mention") as assistant:
@@ -106,7 +106,7 @@ async def test_mentioned_question_is_resolved_forwarded_and_answered(app: App) -
 
 
 async def test_mention_mode_ignores_unaddressed_questions_but_answers_replies_to_the_bot(app: App) -> None:
-    from plugins.resolver import get_service
+    from corefbot.plugins.resolver import get_service
 
     now, g = time.time() - 100, 602
     async with assistant_for(get_service(), reply_mode="mention") as assistant:
@@ -130,7 +130,7 @@ async def test_mention_mode_ignores_unaddressed_questions_but_answers_replies_to
 
 
 async def test_all_mode_answers_every_question_and_never_the_bots_own(app: App) -> None:
-    from plugins.resolver import get_service
+    from corefbot.plugins.resolver import get_service
 
     now, g = time.time() - 100, 603
     async with assistant_for(get_service(), reply_mode="all") as assistant:
@@ -147,7 +147,7 @@ async def test_all_mode_answers_every_question_and_never_the_bots_own(app: App) 
 
 
 async def test_a_run_is_forwarded_once_when_a_later_line_addresses_the_bot(app: App) -> None:
-    from plugins.resolver import get_service
+    from corefbot.plugins.resolver import get_service
 
     now, g = time.time() - 100, 604
     async with assistant_for(get_service(), reply_mode="mention") as assistant:
@@ -166,8 +166,8 @@ async def test_a_run_is_forwarded_once_when_a_later_line_addresses_the_bot(app: 
 
 
 async def test_rate_limit_per_group(app: App) -> None:
-    from plugins.resolver import get_service
-    from plugins.resolver.service import RateLimiter
+    from corefbot.plugins.resolver import get_service
+    from corefbot.plugins.resolver.service import RateLimiter
 
     now, g = time.time() - 100, 605
     first, second, third = ("How do I install PyTorch 2.3 on Windows?", "Which TensorRT version supports CUDA 12.4?",
@@ -198,7 +198,7 @@ async def test_rate_limit_per_group(app: App) -> None:
 
 
 async def test_resolution_listeners_hear_every_question(app: App) -> None:
-    from plugins.resolver import get_service
+    from corefbot.plugins.resolver import get_service
 
     heard: list[tuple[str, str]] = []
 
@@ -229,8 +229,8 @@ async def test_resolution_listeners_hear_every_question(app: App) -> None:
 @pytest.mark.parametrize("content", [None, b"GGUF\x03\x00\x00\x00 truncated garbage", b"not a model at all"])
 def test_missing_or_corrupt_model_falls_back_to_rules(tmp_path: Path, content: bytes | None,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    from plugins.resolver.config import Config
-    from plugins.resolver.handlers import backend_name, load_configured_resolver
+    from corefbot.plugins.resolver.config import Config
+    from corefbot.plugins.resolver.handlers import backend_name, load_configured_resolver
 
     path = tmp_path / "model.gguf"
     if content is not None:
@@ -245,11 +245,11 @@ def test_missing_or_corrupt_model_falls_back_to_rules(tmp_path: Path, content: b
 @pytest.mark.slow
 async def test_swap_model_under_load_keeps_every_request_and_closes_the_old_model(tmp_path: Path,
                                                                                   tiny_gguf: Path) -> None:
-    from models.resolver import load_resolver
-    from pipeline.question import QuestionFilter
-    from pipeline.records import Message
-    from plugins.chatlog.recorder import Recorder
-    from plugins.resolver.service import ResolverService, ServiceOptions
+    from corefbot.models.serve.resolver import load_resolver
+    from corefbot.pipeline.question import QuestionFilter
+    from corefbot.pipeline.records import Message
+    from corefbot.plugins.chatlog.recorder import Recorder
+    from corefbot.plugins.resolver.service import ResolverService, ServiceOptions
 
     first, second = tiny_gguf, tiny_gguf.parent / "tiny-q8_0.gguf"
     recorder = Recorder(tmp_path / "swap.db", question_filter=QuestionFilter())
@@ -310,7 +310,7 @@ async def test_swap_model_under_load_keeps_every_request_and_closes_the_old_mode
 def test_priority_worker_runs_questions_to_the_bot_before_background_ones() -> None:
     import threading
 
-    from plugins.resolver.worker import ADDRESSED, BACKGROUND, PriorityWorker
+    from corefbot.plugins.resolver.worker import ADDRESSED, BACKGROUND, PriorityWorker
 
     worker = PriorityWorker("test-worker")
     gate, order = threading.Event(), []
@@ -338,13 +338,13 @@ def test_priority_worker_runs_questions_to_the_bot_before_background_ones() -> N
 async def test_a_line_addressing_the_bot_while_its_run_is_being_decided_is_not_lost(tmp_path: Path) -> None:
     import threading
 
-    from models.resolver import Resolver
-    from models.rules import RulesBackend
-    from pipeline.question import QuestionFilter
-    from pipeline.records import Message
-    from plugins.chatlog.recorder import Recorder
-    from plugins.resolver.forward import AssistantClient
-    from plugins.resolver.service import ResolverService, ServiceOptions
+    from corefbot.models.serve.resolver import Resolver
+    from corefbot.models.serve.rules import RulesBackend
+    from corefbot.pipeline.question import QuestionFilter
+    from corefbot.pipeline.records import Message
+    from corefbot.plugins.chatlog.recorder import Recorder
+    from corefbot.plugins.resolver.forward import AssistantClient
+    from corefbot.plugins.resolver.service import ResolverService, ServiceOptions
 
     release = threading.Event()
 

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from models.gate import DEFAULT_PATH, OWN_DATA, Gate, default_training_examples, features
-from models.rules import RulesBackend, cues, pronoun_baseline, rewrite, terms
-from pipeline.examples import load_unified
-from pipeline.metrics import Confusion
-from pipeline.records import Example, Turn
+from corefbot.models.serve.gate import DEFAULT_PATH, Gate, features
+from corefbot.models.train.gate import OWN_DATA, default_training_examples
+from corefbot.models.serve.cues import cues, terms
+from corefbot.models.serve.rules import RulesBackend, pronoun_baseline, rewrite
+from corefbot.pipeline.examples import load_unified
+from corefbot.pipeline.metrics import Confusion
+from corefbot.pipeline.records import Example, Turn
 from tests.conftest import shared_data
 
 MMPOSE = (Turn("u1", "有人用过 mmpose 吗？", 1.0), Turn("u2", "用过，x86 上跑得挺快的", 2.0))
@@ -209,7 +211,7 @@ def test_the_cut_is_per_language(tmp_path: Path) -> None:
 
 
 def test_only_mode_needs_data_and_spares_the_shipped_model() -> None:
-    from models.gate import main
+    from corefbot.models.train.gate import main
 
     with pytest.raises(SystemExit):
         main(["--only"])
@@ -246,7 +248,7 @@ def test_gate_path_from_the_environment(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_served_resolver_uses_the_configured_gate(tmp_path: Path) -> None:
     """COREFBOT_GATE_PATH from the bot's .env reaches both the gate and the rules backend's classifier."""
-    from models.resolver import load_resolver
+    from corefbot.models.serve.resolver import load_resolver
 
     retrained = Gate.train(_toy(20), folds=2, epochs=2)
     retrained.save(tmp_path / "retrained.json")
@@ -260,7 +262,7 @@ def test_served_resolver_uses_the_configured_gate(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_shipped_model_is_what_the_trainer_builds(tmp_path: Path) -> None:
     shared_data("task_gecor.jsonl")
-    from models.gate import main
+    from corefbot.models.train.gate import main
 
     out = tmp_path / "gate.json"
     assert main(["--out", str(out)]) == 0
@@ -277,11 +279,11 @@ def test_features_are_bilingual() -> None:
 
 
 def test_retrain_from_the_store_labels(store) -> None:
-    from models.gate import train_from_store
-    from pipeline.build import build
-    from pipeline.labels import set_label
-    from pipeline.export import iter_records
-    from pipeline.records import Message
+    from corefbot.models.train.gate import train_from_store
+    from corefbot.pipeline.build import build
+    from corefbot.pipeline.labels.rows import set_label
+    from corefbot.pipeline.export import iter_records
+    from corefbot.pipeline.records import Message
 
     chat = []
     for i in range(24):  # one question per minute, alternating senders so nothing merges
@@ -305,7 +307,7 @@ def test_retrain_from_the_store_labels(store) -> None:
 
 def test_merged_runs_placeholders_and_two_clause_ellipsis() -> None:
     """What the demo chat showed: a multi-line window turn, a run of several lines, a sticker, 「X 上呢？能…吗」."""
-    from models.validate import validate_rewrite
+    from corefbot.models.serve.validate import validate_rewrite
 
     window = (Turn("a", "大家好，我在看 mmpose 的文档\nCan mmpose be deployed on mobile phones?", 0.0),
               Turn("b", "Yes, through ncnn or mmdeploy, it runs on Android.", 1.0))

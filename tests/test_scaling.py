@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from models.hf_eval import Stat
-from models.scaling import (ScalingRow, monotonicity_breaks, ranks, spearman, verdicts_for)
+from corefbot.models.train.evaluate import Stat
+from corefbot.models.train.scaling import (ScalingRow, monotonicity_breaks, ranks, spearman, verdicts_for)
 
 
 def test_ranks_share_ties() -> None:
@@ -59,9 +59,9 @@ def test_monotonicity_breaks_and_verdicts() -> None:
 
 @pytest.mark.slow
 def test_real_two_model_ladder(tiny_hf: Path, tmp_path: Path) -> None:
-    from models.hf_eval import load_model, parameter_count
-    from models.scaling import count_parameters, format_table, plot, scaling_check
-    from models.tiny import make_model
+    from corefbot.models.train.evaluate import load_model, parameter_count
+    from corefbot.models.train.scaling import count_parameters, format_table, plot, scaling_check
+    from corefbot.models.train.tiny import make_model
     from tests.test_finetune import chat_examples
 
     small = make_model("small", tmp_path / "small")

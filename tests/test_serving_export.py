@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from models import registry
-from models.registry import RegistryError
-from pipeline.store import Store
+from corefbot.models.ship import registry
+from corefbot.models.ship.registry import RegistryError
+from corefbot.pipeline.store import Store
 
 
 def _gguf(tmp_path: Path, name: str) -> Path:
@@ -49,9 +49,10 @@ def test_registry_promote_history_rollback(store: Store, tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_end_to_end_finetune_export_quantize_decide(tiny_hf: Path, tmp_path: Path, store: Store) -> None:
-    from models.finetune import load_preset, run, run_split
-    from models.llama_backend import LlamaBackend
-    from models.serving_export import decision_agreement, export_gguf
+    from corefbot.models.train.finetune import load_preset
+    from corefbot.models.train.run import run, run_split
+    from corefbot.models.serve.llama import LlamaBackend
+    from corefbot.models.ship.export import decision_agreement, export_gguf
     from tests.test_finetune import chat_examples, write_unified
 
     data = write_unified(tmp_path / "labels.jsonl", chat_examples(90, seed=3))
@@ -64,7 +65,7 @@ def test_end_to_end_finetune_export_quantize_decide(tiny_hf: Path, tmp_path: Pat
     split, _ = run_split(result.out)
     assert a.examples == min(12, len(split.test)) and 0.0 <= a.agreement <= 1.0 and 0.0 <= a.mean_abs_p_needs_diff <= 1.0
     # The unquantized GGUF decides as the merged HF model does: conversion and prompts line up.
-    from models.finetune import subset
+    from corefbot.models.train.finetune import subset
 
     f16 = decision_agreement(result.out / "merged", result.out / "model-f16.gguf", subset(split.test, 12))
     assert f16.agreement >= (f16.examples - 1) / f16.examples and f16.mean_abs_p_needs_diff < 0.05

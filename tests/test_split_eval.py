@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from models.split import LeakError, Split, assert_no_leak, conversation_side, split_examples
-from pipeline.prompt import ALL_ORDERS, LETTERS, build_prompt
-from pipeline.records import Example, Turn
+from corefbot.models.train.split import LeakError, Split, assert_no_leak, conversation_side, split_examples
+from corefbot.pipeline.prompt import ALL_ORDERS, LETTERS, build_prompt
+from corefbot.pipeline.records import Example, Turn
 
 
 def _examples(n_conv: int = 60, per_conv: int = 4) -> list[Example]:
@@ -57,7 +57,7 @@ def test_leak_detection() -> None:
 
 
 def test_training_asserts_the_test_split_is_never_trained_on(tiny_hf: Path) -> None:
-    from models.finetune import load_preset, train_and_eval
+    from corefbot.models.train.finetune import load_preset, train_and_eval
 
     split = split_examples(_examples(), seed=0)
     with pytest.raises(LeakError):
@@ -67,7 +67,7 @@ def test_training_asserts_the_test_split_is_never_trained_on(tiny_hf: Path) -> N
 def test_letter_biased_model_does_not_look_good() -> None:
     """Scores from a model that always answers A: good in the orders where A means needs, bad in the
     others; the mean over the six orders exposes it."""
-    from models.hf_eval import decide, score_decisions
+    from corefbot.models.train.evaluate import decide, score_decisions
 
     exs = _examples(10)
     predicted = {}
@@ -90,7 +90,7 @@ def test_letter_biased_model_does_not_look_good() -> None:
 def test_real_model_decisions_over_all_orders(tiny_hf: Path) -> None:
     """A real (random) tiny model: log-prob decisions are always one of the options, every order is
     evaluated, and rewrites are scored on the needs cases only."""
-    from models.hf_eval import evaluate, letter_ids, load_model, option_logprobs
+    from corefbot.models.train.evaluate import evaluate, letter_ids, load_model, option_logprobs
 
     model, tok = load_model(tiny_hf)
     ids = letter_ids(tok)
@@ -114,7 +114,7 @@ def test_real_model_decisions_over_all_orders(tiny_hf: Path) -> None:
 
 def test_shared_prefix_scoring_equals_plain_scoring(tiny_hf: Path) -> None:
     """Reusing one example's prompt prefix across its six orders changes no log-prob."""
-    from models.hf_eval import load_model, option_logprobs, shared_prefix_logprobs
+    from corefbot.models.train.evaluate import load_model, option_logprobs, shared_prefix_logprobs
 
     model, tok = load_model(tiny_hf)
     exs = _examples(3, 2)

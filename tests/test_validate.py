@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from models.validate import looks_like_injection, validate_rewrite
+from corefbot.models.serve.validate import looks_like_injection, validate_rewrite
 from tests.conftest import shared_data
 
 WINDOW_ZH = ["有人在 Jetson 上跑过 mmpose 吗？", "跑过，x86 上没问题", "显卡驱动装不上，一直报错"]

@@ -17,15 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.metrics import percentile
+from corefbot.pipeline.metrics import percentile
 
 SELF_ID = "10000"
 
 
 async def _measure(workdir: Path, questions: int, burst: int, model: str | None) -> dict:
-    from bot.echo_assistant import EchoAssistant
-    from bot.onebot_peer import OneBotPeer
-    from bot.process import BotProcess
+    from corefbot.demo.assistant import EchoAssistant
+    from corefbot.demo.peer import OneBotPeer
+    from corefbot.demo.process import BotProcess
 
     env = {"COREFBOT_ASSISTANT_API": "json", "COREFBOT_REPLY_MODE": "mention", "COREFBOT_RATE_LIMIT": "0",
            "LOG_LEVEL": "WARNING"}

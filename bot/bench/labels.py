@@ -1,6 +1,6 @@
 """Labels in the chat: bot messages per 1,000 group messages, and moderator review latency.
 
-1. Share of voice: a realistic-shaped chat (``bot.bench.pipeline.generate``: bursts, ~15% questions, bilingual)
+1. Share of voice: a realistic-shaped chat (``corefbot.bench.pipeline.generate``: bursts, ~15% questions, bilingual)
    is replayed in time order through the bot's own decision path, in process — the concat rule and question
    filter as the chatlog applies them, the rules resolver on every question update, the labels plugin's
    confirmation policy at its default limits judged at each message's time (quiet hours in UTC). Every prompt
@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.metrics import percentile
-from pipeline.store import Store
+from corefbot.pipeline.metrics import percentile
+from corefbot.pipeline.store import Store
 
 REVIEW_GROUP = 1000
 
@@ -35,16 +35,17 @@ def bench_share(workdir: Path, n: int, groups: int) -> dict:
     from collections import Counter
     from datetime import timezone
 
-    from bot.bench.pipeline import generate
-    from models.resolver import load_resolver
-    from pipeline.build import score_run
-    from pipeline.labels import ConfirmLimits, prompt_sent, reserve_prompt, wants_confirmation
-    from pipeline.merge import Merger
-    from pipeline.question import QuestionFilter
-    from pipeline.records import Message
-    from pipeline.window import turn
+    from corefbot.bench.pipeline import generate
+    from corefbot.models.serve.resolver import load_resolver
+    from corefbot.pipeline.build import score_run
+    from corefbot.pipeline.labels.limits import ConfirmLimits, wants_confirmation
+    from corefbot.pipeline.labels.prompts import prompt_sent, reserve_prompt
+    from corefbot.pipeline.merge import Merger
+    from corefbot.pipeline.question import QuestionFilter
+    from corefbot.pipeline.records import Message
+    from corefbot.pipeline.window import turn
 
-    logging.getLogger("models.resolver").setLevel(logging.ERROR)  # rejected rewrites are expected here; figures only
+    logging.getLogger("corefbot.models.serve.resolver").setLevel(logging.ERROR)  # rejected rewrites are expected here; figures only
     rows = sorted(generate(n, seed=3, groups=groups), key=lambda r: r["timestamp"])
     store = Store(workdir / "share.db")
     merger, question_filter = Merger(18.0, load_open=store.last_merged), QuestionFilter()
@@ -85,9 +86,9 @@ def bench_share(workdir: Path, n: int, groups: int) -> dict:
 
 
 def _seed_review_db(db: Path, n: int) -> int:
-    from bot.bench.pipeline import generate
-    from pipeline.build import build
-    from pipeline.records import Message
+    from corefbot.bench.pipeline import generate
+    from corefbot.pipeline.build import build
+    from corefbot.pipeline.records import Message
 
     # One group, on the platform and with the numeric id the moderator's OneBot group has.
     store = Store(db)
@@ -105,7 +106,7 @@ def _seed_review_db(db: Path, n: int) -> int:
 
 
 async def _review(url: str, group: int, items: int) -> list[float]:
-    from bot.onebot_peer import OneBotPeer
+    from corefbot.demo.peer import OneBotPeer
 
     peer = OneBotPeer(url)
     await peer.connect()
@@ -130,7 +131,7 @@ async def _review(url: str, group: int, items: int) -> list[float]:
 
 
 def bench_review(workdir: Path, n: int, items: int) -> dict:
-    from bot.process import BotProcess
+    from corefbot.demo.process import BotProcess
 
     db, timings = workdir / "review.db", workdir / "label_timings.json"
     questions = _seed_review_db(db, n)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = Path(__file__).resolve().parents[2] / "models" / "data"
+CASES = Path(__file__).resolve().parents[2] / "models" / "train" / "cases"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,10 +44,10 @@ def _rows(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.nightly import NightlyConfig, run_nightly
-    from pipeline.build import build
-    from pipeline.importer import import_jsonl
-    from pipeline.store import Store
+    from corefbot.models.ship.nightly import NightlyConfig, run_nightly
+    from corefbot.pipeline.build import build
+    from corefbot.pipeline.importer import import_jsonl
+    from corefbot.pipeline.store import Store
 
     tmp = tempfile.TemporaryDirectory(prefix="corefbot-bench-nightly-") if not args.workdir else None
     work = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
@@ -57,11 +57,11 @@ def run(args: argparse.Namespace) -> int:
         base = Path(args.base)
         model_s = 0.0
     else:
-        from models.tiny import make_model
+        from corefbot.models.train.tiny import make_model
 
         base = make_model("tiny", work / "tiny-base")
         model_s = time.perf_counter() - t0
-    db = work / "bot.db"
+    db = work / "corefbot.db"
     data = work / "labels.jsonl"
     data.write_text("\n".join(_rows(args)) + "\n", encoding="utf-8")
     t0 = time.perf_counter()

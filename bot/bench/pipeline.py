@@ -9,12 +9,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.build import build
-from pipeline.export import iter_records, write_alpaca, write_records
-from pipeline.importer import import_jsonl
-from pipeline.labels import set_label
-from pipeline.metrics import percentile
-from pipeline.store import Store
+from corefbot.pipeline.build import build
+from corefbot.pipeline.export import iter_records, write_alpaca, write_records
+from corefbot.pipeline.importer import import_jsonl
+from corefbot.pipeline.labels.rows import set_label
+from corefbot.pipeline.metrics import percentile
+from corefbot.pipeline.store import Store
 
 TOPICS = ["mmpose", "mmdeploy", "TensorRT", "TX2", "Jetson Nano", "CUDA 12", "PyTorch 2.3", "onnxruntime",
           "ncnn", "RTMPose", "YOLOX", "显卡驱动", "docker 镜像", "conda 环境"]
@@ -74,7 +74,7 @@ def bench_batch(workdir: Path, n: int) -> dict:
 
 
 async def _play_live(url: str, n: int) -> None:
-    from bot.onebot_peer import OneBotPeer
+    from corefbot.demo.peer import OneBotPeer
 
     peer = OneBotPeer(url)
     await peer.connect()
@@ -89,8 +89,8 @@ async def _play_live(url: str, n: int) -> None:
 
 
 def bench_live(workdir: Path, n: int) -> dict:
-    from bot.demo import wait_for_messages
-    from bot.process import BotProcess
+    from corefbot.demo import wait_for_messages
+    from corefbot.demo.process import BotProcess
 
     db, timings = workdir / "live.db", workdir / "timings.json"
     bot = BotProcess(db, env={"COREFBOT_TIMINGS_FILE": str(timings), "LOG_LEVEL": "WARNING"}).start()

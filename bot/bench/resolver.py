@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.metrics import percentile
-from pipeline.records import Turn
+from corefbot.pipeline.metrics import percentile
+from corefbot.pipeline.records import Turn
 
 # A bilingual technical group chat, the kind the method was built for (mmpose / deployment questions).
 CHAT: list[tuple[str, str]] = [
@@ -129,7 +129,7 @@ def _measure(model: Path, args: argparse.Namespace, cases) -> dict:
     machine weighs on both alike (llama.cpp's spinning threads make contention hit hard)."""
     from tqdm import tqdm
 
-    from models.llama_backend import LlamaBackend
+    from corefbot.models.serve.llama import LlamaBackend
 
     # A generous timeout: the bench measures latency, it does not serve (a loaded machine can be slow).
     b = LlamaBackend(model, n_threads=args.threads, n_ctx=args.n_ctx, max_rewrite_tokens=args.rewrite_tokens,

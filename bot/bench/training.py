@@ -1,4 +1,4 @@
-"""Training throughput: models.finetune vs a plain transformers Trainer + peft, same model/data/settings.
+"""Training throughput: corefbot.models.train.finetune vs a plain transformers Trainer + peft, same model/data/settings.
 
 Each trainer runs in its own process (so peak memory is its own): the same base model (by default the
 ~13M-parameter ``small`` shape of models/tiny.py, random weights), the same examples rendered by the
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from models.finetune import load_preset
+    from corefbot.models.train.finetune import load_preset
 
     return load_preset("paper", max_steps=args.steps, micro_batch_size=args.micro_batch_size,
                        gradient_accumulation_steps=args.grad_accum, device=args.device,
@@ -74,8 +74,8 @@ def _worker(args: argparse.Namespace) -> dict:
     """One trainer, in this process; returns its figures."""
     import resource
 
-    from models.finetune import encode_examples, fit, setup
-    from pipeline.examples import load_examples
+    from corefbot.models.train.finetune import encode_examples, fit, setup
+    from corefbot.pipeline.examples import load_examples
 
     config = _config(args)
     examples = load_examples(args.data)
@@ -115,8 +115,8 @@ def _trainer_baseline(args: argparse.Namespace, config, examples, *, grouped: bo
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainingArguments)
 
-    from models.finetune import encode_examples
-    from models.hf_eval import pick_device, torch_dtype_for
+    from corefbot.models.train.finetune import encode_examples
+    from corefbot.models.train.evaluate import pick_device, torch_dtype_for
 
     device = pick_device(config.device)
     dtype = torch_dtype_for(config.dtype, device)
@@ -168,10 +168,10 @@ def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="corefbot-bench-training-"))
     base = args.base
     if not base:
-        from models.tiny import make_model
+        from corefbot.models.train.tiny import make_model
 
         base = str(make_model(args.shape, work / args.shape))
-    from models.scaling import count_parameters
+    from corefbot.models.train.scaling import count_parameters
 
     data = args.data
     if not data:
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         results: dict = {}
         for name in trainers:
             result = work / f"{name}-{rnd}.json"
-            cmd = [sys.executable, "-m", "bot.cli", "bench", "training", "--worker", name, "--base", base,
+            cmd = [sys.executable, "-m", "corefbot.cli", "bench", "training", "--worker", name, "--base", base,
                    "--data", data, "--steps", str(args.steps), "--micro-batch-size", str(args.micro_batch_size),
                    "--grad-accum", str(args.grad_accum), "--device", args.device, "--result", str(result)]
             proc = subprocess.run(cmd, capture_output=True, text=True,
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
                 per_round = sorted(r["ours"]["tokens_per_s"] / r[ref]["tokens_per_s"] for r in rounds)
                 figures[f"speedup_vs_{ref}"] = t["ours"]["tokens_per_s"] / t[ref]["tokens_per_s"]
                 figures[f"speedup_vs_{ref}_per_round"] = per_round
-                print(f"models.finetune vs {ref}: {figures[f'speedup_vs_{ref}']:.2f}x tokens/s (best vs best); "
+                print(f"corefbot.models.train.finetune vs {ref}: {figures[f'speedup_vs_{ref}']:.2f}x tokens/s (best vs best); "
                       f"per round {', '.join(f'{x:.2f}x' for x in per_round)}")
     if args.report:
         Path(args.report).write_text(json.dumps(figures, indent=2) + "\n")

@@ -7,13 +7,13 @@ import os
 import sys
 import time
 
-from bot.settings import default_db_path
-from pipeline.build import build
-from pipeline.export import iter_records, write_alpaca, write_records
-from pipeline.importer import import_jsonl
-from pipeline.question import OpenAIScorer, QuestionFilter
-from pipeline.store import Store
-from pipeline.window import DEFAULT_WINDOW
+from corefbot.plugins.common.settings import default_db_path
+from corefbot.pipeline.build import build
+from corefbot.pipeline.export import iter_records, write_alpaca, write_records
+from corefbot.pipeline.importer import import_jsonl
+from corefbot.pipeline.question import OpenAIScorer, QuestionFilter
+from corefbot.pipeline.store import Store
+from corefbot.pipeline.window import DEFAULT_WINDOW
 
 MAX_ERRORS_SHOWN = 20
 

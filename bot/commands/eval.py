@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 
@@ -12,28 +11,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", metavar="DATA.jsonl", help="unified-format JSONL (../shared/data) or a corefbot alpaca export")
     p.add_argument("--backend", default="rules", choices=["rules", "gate", "pronoun", "llama-cpp", "http"],
                    help="what to evaluate: a served backend, the gate alone, or the pronoun-list baseline (default rules)")
-    p.add_argument("--model", metavar="PATH", default=os.environ.get("COREFBOT_MODEL_PATH"),
-                   help="GGUF for --backend llama-cpp (default COREFBOT_MODEL_PATH)")
-    p.add_argument("--url", default=os.environ.get("COREFBOT_RESOLVER_URL"),
-                   help="OpenAI-compatible base URL for --backend http (default COREFBOT_RESOLVER_URL)")
-    p.add_argument("--http-model", default="default", help="model name sent to the http backend")
-    p.add_argument("--api-key", default=os.environ.get("COREFBOT_RESOLVER_API_KEY"), help="bearer key for the http backend")
+    p.add_argument("--model", metavar="PATH", help="GGUF for --backend llama-cpp (default COREFBOT_MODEL_PATH)")
+    p.add_argument("--url", help="OpenAI-compatible base URL for --backend http (default COREFBOT_RESOLVER_URL)")
+    p.add_argument("--http-model", help="model name sent to the http backend (default COREFBOT_RESOLVER_MODEL)")
+    p.add_argument("--api-key", help="bearer key for the http backend (default COREFBOT_RESOLVER_KEY)")
+    p.add_argument("--gate", metavar="PATH", help="a retrained gate (default COREFBOT_GATE_PATH, else the shipped one)")
     p.add_argument("--split", help="only rows of this split (e.g. dev, test)")
     p.add_argument("--limit", type=int, help="only the first N rows (after --split)")
     p.add_argument("--no-gate", action="store_true", help="llama-cpp/http: send every question to the model")
-    p.add_argument("--threads", type=int, help="llama.cpp threads")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default COREFBOT_RESOLVER_THREADS)")
     p.add_argument("--report", metavar="OUT.json", help="write the full report as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.eval_resolver import evaluate, load_for_eval, summary_lines
+    from corefbot.models.train.eval_resolver import evaluate, load_for_eval, summary_lines
+    from corefbot.plugins.common.settings import read_settings
+    from corefbot.plugins.common.settings import ResolverSettings
 
+    # Unset options take the bot's own resolver settings (environment or .env), so eval measures what is served.
+    cfg = read_settings(ResolverSettings)
     examples = load_for_eval(args.data, args.split)
     if args.limit:
         examples = examples[: args.limit]
-    report = evaluate(examples, args.backend, gate=not args.no_gate, model_path=args.model, url=args.url,
-                      http_model=args.http_model, api_key=args.api_key, n_threads=args.threads)
+    model = args.model or (str(cfg.corefbot_model_path) if cfg.corefbot_model_path else None)
+    report = evaluate(examples, args.backend, gate=not args.no_gate, model_path=model,
+                      url=args.url or cfg.corefbot_resolver_url, http_model=args.http_model or cfg.corefbot_resolver_model,
+                      api_key=args.api_key or cfg.corefbot_resolver_key, n_threads=args.threads or cfg.corefbot_resolver_threads,
+                      gate_path=args.gate or cfg.corefbot_gate_path)
     report["data"] = str(args.data)
     report["split"] = args.split
     for line in summary_lines(report):

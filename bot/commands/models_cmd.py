@@ -5,7 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
-from models.tiny import SHAPES
+from corefbot.models.train.tiny import SHAPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,14 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
-    from models.tiny import make_model
+    from corefbot.models.train.tiny import make_model
 
     out = Path(args.out_dir)
     start = time.perf_counter()
     hf = make_model(args.shape, out, seed=args.seed)
     print(f"HF model ({args.shape}): {hf}  [{time.perf_counter() - start:.1f} s]")
     if args.gguf:
-        from models.gguf import convert_hf_to_gguf, quantize
+        from corefbot.models.ship.gguf import convert_hf_to_gguf, quantize
 
         t0 = time.perf_counter()
         f16 = convert_hf_to_gguf(hf, out / "model-f16.gguf")

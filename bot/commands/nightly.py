@@ -1,8 +1,8 @@
 """nightly: run the nightly retraining job once (``--now``), as the bot's scheduler does, or list recent runs.
 
-Settings not given as options come from the same ``COREFBOT_*`` keys the bot reads (environment or
-``.env``): COREFBOT_BASE_MODEL, COREFBOT_NIGHTLY_DIR, COREFBOT_NIGHTLY_PRESET, COREFBOT_NIGHTLY_MIN_NEW_LABELS,
-COREFBOT_NIGHTLY_MARGIN, COREFBOT_NIGHTLY_QUANT, COREFBOT_NIGHTLY_MIN_AGREEMENT, COREFBOT_NIGHTLY_KEEP_RUNS.
+Settings not given as options come from the nightly plugin's settings model
+(:class:`corefbot.plugins.common.settings.NightlySettings`), read from the same ``COREFBOT_*`` keys the bot reads
+(environment or ``.env``); its defaults are the job's.
 
 Exit status of ``--now``: 0 the job ran (promoted, kept the serving model, or skipped), 1 it failed
 (the serving model is unchanged), 3 another run holds the lock.
@@ -16,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from corefbot.models.ship.gguf import QUANTS
+
 EXIT = {"promoted": 0, "rejected": 0, "skipped": 0, "failed": 1, "busy": 3}
 
 
@@ -23,18 +25,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("nightly", help="run the nightly retraining job now (--now), or list recent runs")
     p.add_argument("--now", action="store_true", help="run the job once: export → train → evaluate → gate → GGUF")
     p.add_argument("--base", metavar="HF_DIR", help="base model folder (default COREFBOT_BASE_MODEL)")
-    p.add_argument("--preset", help="finetune preset or YAML (default COREFBOT_NIGHTLY_PRESET or paper)")
+    p.add_argument("--preset", help="finetune preset or YAML (default COREFBOT_NIGHTLY_PRESET)")
     p.add_argument("--work-dir", metavar="DIR",
                    help="run folders and the lock (default COREFBOT_NIGHTLY_DIR or 'nightly' beside the database)")
-    p.add_argument("--min-new-labels", type=int, help="skip with fewer new labels since the last run (default 50)")
-    p.add_argument("--margin", type=float, help="F1 gain (fraction) the candidate needs to be promoted (default 0.01)")
-    p.add_argument("--quant", choices=["q4_k_m", "q8_0"], help="serving quantization (default q4_k_m)")
-    p.add_argument("--min-agreement", type=float,
-                   help="quantized-vs-merged decision agreement needed to promote (default 0.9)")
+    p.add_argument("--min-new-labels", type=int,
+                   help="skip with fewer new labels since the last run (default COREFBOT_NIGHTLY_MIN_NEW_LABELS)")
+    p.add_argument("--margin", type=float,
+                   help="F1 gain (fraction) the candidate needs to be promoted (default COREFBOT_NIGHTLY_MARGIN)")
+    p.add_argument("--quant", choices=list(QUANTS), help="serving quantization (default COREFBOT_NIGHTLY_QUANT)")
+    p.add_argument("--min-agreement", type=float, help="quantized-vs-merged decision agreement needed to promote "
+                                                       "(default COREFBOT_NIGHTLY_MIN_AGREEMENT)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides the preset)")
     p.add_argument("--eval-max-examples", type=int, help="cap on evaluated test examples (overrides the preset)")
-    p.add_argument("--keep-runs", type=int,
-                   help="run folders kept (default 5; older ones go unless the registry still serves or may roll back to them)")
+    p.add_argument("--keep-runs", type=int, help="run folders kept (default COREFBOT_NIGHTLY_KEEP_RUNS; older ones go "
+                                                  "unless the registry still serves or may roll back to them)")
     p.add_argument("--force", action="store_true", help="train even with too few new labels")
     p.add_argument("--no-member-labels", action="store_true", help="train on moderator and imported labels only")
     p.add_argument("--threads", type=int, help="llama.cpp threads for the agreement check")
@@ -44,57 +48,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_nightly)
 
 
-def _setting(key: str) -> str | None:
-    from bot.settings import _env
-
-    value = _env(key)
-    return value if value not in (None, "") else None
-
-
 def config_from(args: argparse.Namespace) -> Any:
-    """The job's configuration: options first, then COREFBOT_* settings, then the defaults."""
-    from models.nightly import NightlyConfig
+    """The job's configuration: options first, then the bot's settings (``COREFBOT_*`` in the environment or
+    ``.env``, read through the nightly plugin's settings model, which holds the defaults)."""
+    from corefbot.models.ship.nightly import NightlyConfig
+    from corefbot.plugins.common.settings import read_settings
+    from corefbot.plugins.common.settings import NightlySettings
 
-    def pick(option: Any, key: str, kind: Any) -> Any:
-        if option is not None:
-            return option
-        raw = _setting(key)
-        if raw is None:
-            return None
-        try:
-            return kind(raw)
-        except ValueError:
-            raise ValueError(f"{key}={raw!r} is not a valid {kind.__name__}") from None
+    settings = read_settings(NightlySettings)
 
-    defaults = NightlyConfig()
-    base = pick(args.base, "COREFBOT_BASE_MODEL", str)
-    work = pick(args.work_dir, "COREFBOT_NIGHTLY_DIR", str)
+    def pick(option: Any, setting: Any) -> Any:
+        return setting if option is None else option
+
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("eval_max_examples", args.eval_max_examples))
                  if v is not None}
-    values = {
-        "preset": pick(args.preset, "COREFBOT_NIGHTLY_PRESET", str),
-        "min_new_labels": pick(args.min_new_labels, "COREFBOT_NIGHTLY_MIN_NEW_LABELS", int),
-        "margin": pick(args.margin, "COREFBOT_NIGHTLY_MARGIN", float),
-        "quant": pick(args.quant, "COREFBOT_NIGHTLY_QUANT", str),
-        "min_agreement": pick(args.min_agreement, "COREFBOT_NIGHTLY_MIN_AGREEMENT", float),
-        "keep_runs": pick(args.keep_runs, "COREFBOT_NIGHTLY_KEEP_RUNS", int),
-    }
-    if values["quant"] not in (None, "q4_k_m", "q8_0"):
-        raise ValueError(f"COREFBOT_NIGHTLY_QUANT={values['quant']!r}: choose q4_k_m or q8_0")
+    base, work = pick(args.base, settings.corefbot_base_model), pick(args.work_dir, settings.corefbot_nightly_dir)
     return NightlyConfig(
         base_model=Path(base).expanduser() if base else None, work_dir=Path(work).expanduser() if work else None,
+        preset=pick(args.preset, settings.corefbot_nightly_preset),
+        min_new_labels=pick(args.min_new_labels, settings.corefbot_nightly_min_new_labels),
+        margin=pick(args.margin, settings.corefbot_nightly_margin),
+        quant=pick(args.quant, settings.corefbot_nightly_quant),
+        min_agreement=pick(args.min_agreement, settings.corefbot_nightly_min_agreement),
+        keep_runs=pick(args.keep_runs, settings.corefbot_nightly_keep_runs),
         finetune_overrides=overrides, force=args.force, use_member_labels=not args.no_member_labels,
-        n_threads=args.threads, trigger=args.trigger, progress=sys.stderr.isatty() and not args.json,
-        **{k: (v if v is not None else getattr(defaults, k)) for k, v in values.items()})
+        n_threads=args.threads, trigger=args.trigger, progress=sys.stderr.isatty() and not args.json)
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from bot.settings import default_db_path
+    from corefbot.plugins.common.settings import default_db_path
 
     db_path = Path(args.db).expanduser() if args.db else default_db_path()
     if not args.now:
         return _history(db_path, args.history)
-    from models.nightly import run_nightly
+    from corefbot.models.ship.nightly import run_nightly
 
     report = run_nightly(db_path, config_from(args))
     if args.json:
@@ -109,8 +96,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def _history(db_path: Path, limit: int) -> int:
-    from models.nightly import recent_runs
-    from pipeline.store import Store
+    from corefbot.models.ship.nightly import recent_runs
+    from corefbot.pipeline.store import Store
 
     if not db_path.is_file():
         raise FileNotFoundError(f"{db_path}: no corefbot database there")

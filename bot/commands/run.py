@@ -7,7 +7,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="start the bot (same as python -m bot); configuration from .env")
+    p = sub.add_parser("run", help="start the bot (same as python -m corefbot); configuration from .env")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("demo", help="start the bot, play a sample chat over a real OneBot v11 websocket, show the result")
     p.add_argument("--keep", metavar="DIR", help="keep the demo database and bot log in DIR")
@@ -17,13 +17,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.db:
         os.environ["COREFBOT_DB"] = str(args.db)
-    from bot.app import run
+    from corefbot.app import run
 
     run()
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bot.demo import main
+    from corefbot.demo import main
 
     return main(args.keep, sys.stdout)

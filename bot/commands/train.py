@@ -63,7 +63,8 @@ def _pct(stat: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.finetune import load_preset, run
+    from corefbot.models.train.finetune import load_preset
+    from corefbot.models.train.run import run
 
     overrides = {k: getattr(args, k) for k in (
         "max_steps", "epochs", "learning_rate", "lora_r", "loraplus_lr_ratio", "micro_batch_size",
@@ -97,11 +98,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
-    from models.serving_export import export_gguf
+    from corefbot.models.ship.export import export_gguf
 
     store = None
     if not args.no_register:
-        from bot.commands.data import open_store
+        from corefbot.commands.data import open_store
 
         store = open_store(args)
     try:
@@ -122,10 +123,10 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_scaling_check(args: argparse.Namespace) -> int:
-    from models.finetune import subset
-    from models.scaling import format_table, plot, scaling_check
-    from models.split import split_examples
-    from pipeline.examples import load_examples
+    from corefbot.models.train.finetune import subset
+    from corefbot.models.train.scaling import format_table, plot, scaling_check
+    from corefbot.models.train.split import split_examples
+    from corefbot.pipeline.examples import load_examples
 
     examples = load_examples(args.data)
     if args.split == "test":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline.records import Message
+from corefbot.pipeline.records import Message
 
 _GROUP_ATTRS = ("group_id", "channel_id", "chat_id", "guild_id")
 _PLACEHOLDER_TYPES = {"mface": "sticker", "record": "voice", "node": "forward"}

@@ -1,18 +1,5 @@
-from __future__ import annotations
+"""plugins/chatlog settings: the area's model lives in :mod:`corefbot.plugins.common.settings` (the CLI reads it
+without starting NoneBot); this is the name ``get_plugin_config`` is given."""
+from corefbot.plugins.common.settings import ChatlogSettings as Config
 
-from pathlib import Path
-
-from pydantic import BaseModel
-
-
-class Config(BaseModel):
-    """corefbot's capture settings, read from NoneBot's .env (one namespace, hence the prefix)."""
-
-    corefbot_db: Path | None = None  # default: the localstore data dir's corefbot/corefbot.db
-    corefbot_merge_gap_s: float = 18.0  # the concat rule's gap (paper: 18 s)
-    corefbot_window: int = 12  # context window size (paper: 12)
-    corefbot_question_threshold: float = 5.0  # question score needed (0–10; paper: 5)
-    corefbot_min_chars: int = 7  # shorter texts are never questions (paper's labelling rule)
-    corefbot_record_self: bool = True  # also record the bot's own messages
-    corefbot_queue_size: int = 10_000  # messages waiting for the writer before capture sheds load
-    corefbot_timings_file: Path | None = None  # write capture handler timings here at shutdown (benchmarks)
+__all__ = ["Config"]

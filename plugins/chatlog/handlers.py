@@ -11,7 +11,8 @@ from nonebot import get_driver, get_plugin_config, logger
 from nonebot.adapters import Bot, Event
 from nonebot.message import event_preprocessor
 
-from pipeline.question import QuestionFilter
+from corefbot.pipeline.question import QuestionFilter
+from corefbot.plugins.common.settings import DB_FILE
 
 from .capture import from_event, from_sent
 from .config import Config
@@ -22,7 +23,7 @@ _recorder: Recorder | None = None
 
 
 def db_path():
-    return config.corefbot_db or localstore.get_data_file("corefbot", "corefbot.db")
+    return config.corefbot_db or localstore.get_data_file(*DB_FILE)
 
 
 def get_recorder() -> Recorder:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
-from pipeline.build import score_run
-from pipeline.merge import Merger
-from pipeline.question import QuestionFilter
-from pipeline.records import Merged, Message
-from pipeline.store import Store
+from corefbot.pipeline.build import score_run
+from corefbot.pipeline.merge import Merger
+from corefbot.pipeline.question import QuestionFilter
+from corefbot.pipeline.records import Merged, Message
+from corefbot.pipeline.store import Store
 
 log = logging.getLogger("corefbot.chatlog")
 T = TypeVar("T")

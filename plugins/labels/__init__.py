@@ -3,7 +3,7 @@
 from nonebot import require
 from nonebot.plugin import PluginMetadata
 
-require("plugins.chatlog")
+require("corefbot.plugins.chatlog")
 
 from .config import Config  # noqa: E402
 from . import commands, confirm, privacy  # noqa: E402,F401  (registers the matchers and hooks)

@@ -18,12 +18,13 @@ from nonebot.matcher import Matcher
 from nonebot.params import CommandArg
 from nonebot.permission import SUPERUSER
 
-from pipeline.labels import (
-    UndoConflict, item_id, label_stats, labels_of, merged_of_item, review_next, set_label, undo_last,
-)
-from pipeline.records import message_key
-from pipeline.store import Store
-from plugins.chatlog.capture import group_of, platform_of
+from corefbot.pipeline.labels.review import review_next
+from corefbot.pipeline.labels.rows import item_id, labels_of, merged_of_item, set_label
+from corefbot.pipeline.labels.stats import label_stats
+from corefbot.pipeline.labels.undo import UndoConflict, undo_last
+from corefbot.pipeline.records import message_key
+from corefbot.pipeline.store import Store
+from corefbot.plugins.chatlog.capture import group_of, platform_of
 
 from . import runtime
 from .texts import LETTER_LABEL, REFUSAL, USAGE, item_text, stats_text

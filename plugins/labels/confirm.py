@@ -1,6 +1,6 @@
 """Member confirmation: after the resolver rewrote a question (or was unsure of it), quote the author's message,
 @ them with the reading, and take their 1/2/3 as a member label. Limits, quiet hours and expiry are in
-:mod:`pipeline.labels`; every database step runs on the chatlog writer."""
+:mod:`corefbot.pipeline.labels`; every database step runs on the chatlog writer."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -8,16 +8,17 @@ from typing import TYPE_CHECKING, Any
 import nonebot
 from nonebot import get_driver, logger
 
-from pipeline.labels import answer_prompt, parse_answer, prompt_sent, reserve_prompt, wants_confirmation
-from pipeline.records import message_key
-from plugins.chatlog import Update, get_recorder
-from plugins.chatlog.capture import platform_of
+from corefbot.pipeline.labels.limits import wants_confirmation
+from corefbot.pipeline.labels.prompts import answer_prompt, parse_answer, prompt_sent, reserve_prompt
+from corefbot.pipeline.records import message_key
+from corefbot.plugins.chatlog import Update, get_recorder
+from corefbot.plugins.chatlog.capture import platform_of
 
 from . import runtime
 from .texts import prompt_text
 
 if TYPE_CHECKING:
-    from models.resolver import Resolution
+    from corefbot.models.serve.types import Resolution
 
 
 def _pick_bot(platform: str, mentions: tuple[str, ...]) -> Any | None:
@@ -92,9 +93,9 @@ driver = get_driver()
 async def _start() -> None:
     get_recorder().add_listener(on_message_stored)
     try:
-        from plugins.resolver import get_service
+        from corefbot.plugins.resolver import get_service
     except ImportError:
-        logger.warning("labels: plugins.resolver is not loaded; members will not be asked to confirm")
+        logger.warning("labels: corefbot.plugins.resolver is not loaded; members will not be asked to confirm")
         return
     try:
         get_service().add_resolution_listener(on_resolution)

@@ -7,9 +7,10 @@ from nonebot import on_command
 from nonebot.adapters import Bot, Event
 from nonebot.matcher import Matcher
 
-from pipeline.labels import close_prompts_of, forget_member
-from pipeline.store import Store
-from plugins.chatlog.capture import platform_of
+from corefbot.pipeline.labels.forget import forget_member
+from corefbot.pipeline.labels.prompts import close_prompts_of
+from corefbot.pipeline.store import Store
+from corefbot.plugins.chatlog.capture import platform_of
 
 from . import runtime
 from .commands import _reply

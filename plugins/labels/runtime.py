@@ -6,9 +6,10 @@ from typing import Awaitable, Callable, Iterable, TypeVar
 
 from nonebot import get_plugin_config
 
-from pipeline.labels import ConfirmLimits, purge_messages
-from pipeline.store import Store
-from plugins.chatlog import get_recorder
+from corefbot.pipeline.labels.forget import purge_messages
+from corefbot.pipeline.labels.limits import ConfirmLimits
+from corefbot.pipeline.store import Store
+from corefbot.plugins.chatlog import get_recorder
 
 from .config import Config
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pipeline.labels import LabelRow, Reading
-from pipeline.prompt import sender_letters
-from pipeline.records import Merged
+from corefbot.pipeline.labels.prompts import Reading
+from corefbot.pipeline.labels.rows import LabelRow
+from corefbot.pipeline.prompt import sender_letters
+from corefbot.pipeline.records import Merged
 
 LABEL_NAMES = {"needs": "a · needs resolution", "not_needed": "b · does not", "not_question": "c · not a question"}
 LETTER_LABEL = {"a": "needs", "b": "not_needed", "c": "not_question"}

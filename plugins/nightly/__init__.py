@@ -4,9 +4,9 @@ from nonebot import get_driver, logger, require
 from nonebot.plugin import PluginMetadata
 
 require("nonebot_plugin_apscheduler")
-require("plugins.chatlog")
-require("plugins.resolver")
-require("plugins.labels")  # its moderator check and chat-log purge
+require("corefbot.plugins.chatlog")
+require("corefbot.plugins.resolver")
+require("corefbot.plugins.labels")  # its moderator check and chat-log purge
 
 from nonebot_plugin_apscheduler import scheduler  # noqa: E402
 

@@ -18,12 +18,12 @@ from nonebot.adapters import Bot, Event, Message
 from nonebot.matcher import Matcher
 from nonebot.params import CommandArg
 
-from models import registry
-from models.nightly import recent_runs
-from pipeline.records import message_key
-from pipeline.store import Store
-from plugins.chatlog.capture import group_of, platform_of
-from plugins.labels.commands import is_moderator
+from corefbot.models.ship import registry
+from corefbot.models.ship.nightly import recent_runs
+from corefbot.pipeline.records import message_key
+from corefbot.pipeline.store import Store
+from corefbot.plugins.chatlog.capture import group_of, platform_of
+from corefbot.plugins.labels.commands import is_moderator
 
 from . import runtime
 from .job import JOB_ID
@@ -117,7 +117,7 @@ async def _status() -> str:
 # ---- rollback and retrain ------------------------------------------------------------------------
 
 async def _rollback() -> str:
-    from plugins.resolver import get_service
+    from corefbot.plugins.resolver import get_service
 
     def roll(store: Store) -> tuple[registry.ModelVersion | None, registry.ModelVersion]:
         withdrawn = registry.serving(store)
@@ -166,6 +166,6 @@ async def _reply(matcher: Matcher, bot: Bot, event: Event, text: str) -> None:
     keys = [message_key(platform, group, str(getattr(event, "message_id", "")))]
     if isinstance(result, dict) and result.get("message_id") is not None:
         keys.append(message_key(platform, group, str(result["message_id"])))
-    from plugins.labels import runtime as labels_runtime
+    from corefbot.plugins.labels import runtime as labels_runtime
 
     await labels_runtime.purge(keys)

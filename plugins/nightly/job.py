@@ -1,7 +1,7 @@
 """Running the nightly job from the bot: the schedule, a separate process, hot-swap, the moderators' message.
 
-The job itself (``models.nightly.run_nightly``) never runs inside the bot: :class:`NightlyRunner` starts
-``python -m bot.cli nightly --now --json`` as a child process and reads its one-line JSON report. Two
+The job itself (``corefbot.models.ship.nightly.run_nightly``) never runs inside the bot: :class:`NightlyRunner` starts
+``python -m corefbot.cli nightly --now --json`` as a child process and reads its one-line JSON report. Two
 runs never overlap: the runner refuses a second start while its child is alive, and the job's file lock
 refuses a run started anywhere else (another bot, a shell) — the child then reports ``busy``.
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from nonebot import logger
 
-from models.nightly import NightlyReport
+from corefbot.models.ship.nightly import NightlyReport
 
 from .config import Config
 
@@ -62,7 +62,7 @@ def make_trigger(config: Config) -> "CronTrigger":
 
 def job_argv(config: Config, db_path: str | Path, *, trigger: str, force: bool = False) -> list[str]:
     """The command line of one run: ``corefbot --db DB nightly --now --json`` with the bot's settings."""
-    argv = [sys.executable, "-m", "bot.cli", "--db", str(db_path), "nightly", "--now", "--json",
+    argv = [sys.executable, "-m", "corefbot.cli", "--db", str(db_path), "nightly", "--now", "--json",
             "--trigger", trigger, "--preset", config.corefbot_nightly_preset,
             "--min-new-labels", str(config.corefbot_nightly_min_new_labels),
             "--margin", str(config.corefbot_nightly_margin), "--quant", config.corefbot_nightly_quant,

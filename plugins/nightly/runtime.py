@@ -8,13 +8,13 @@ from typing import Any, Awaitable, Callable, TypeVar
 import nonebot
 from nonebot import get_plugin_config, logger
 
-from models import registry
-from models.nightly import NightlyReport
-from pipeline.records import message_key
-from pipeline.store import Store
-from plugins.chatlog import get_recorder
-from plugins.chatlog.capture import platform_of
-from plugins.chatlog.handlers import db_path
+from corefbot.models.ship import registry
+from corefbot.models.ship.nightly import NightlyReport
+from corefbot.pipeline.records import message_key
+from corefbot.pipeline.store import Store
+from corefbot.plugins.chatlog import get_recorder
+from corefbot.plugins.chatlog.capture import platform_of
+from corefbot.plugins.chatlog.handlers import db_path
 
 from .config import Config
 from .job import NightlyRunner, job_argv
@@ -33,7 +33,7 @@ def db(fn: Callable[[Store], T]) -> Awaitable[T]:
 
 
 def work_dir() -> Path:
-    return config.corefbot_nightly_dir or Path(db_path()).expanduser().resolve().parent / "nightly"
+    return config.work_dir(db_path())
 
 
 def get_runner() -> NightlyRunner:
@@ -63,7 +63,7 @@ def background(coro: Awaitable[Any]) -> asyncio.Task:
 
 def loaded_model_path() -> str | None:
     """The GGUF the resolver serves right now (None: no llama-cpp model loaded)."""
-    from plugins.resolver import get_service
+    from corefbot.plugins.resolver import get_service
 
     try:
         backend = get_service().resolver.backend
@@ -76,7 +76,7 @@ def loaded_model_path() -> str | None:
 def serves_local_models() -> bool:
     """False when the operator chose another backend explicitly (COREFBOT_RESOLVER=rules or http): then
     registry changes are recorded but never loaded into the bot."""
-    from plugins.resolver.handlers import config as resolver_config
+    from corefbot.plugins.resolver.handlers import config as resolver_config
 
     return resolver_config.corefbot_resolver in (None, "llama-cpp")
 
@@ -87,7 +87,7 @@ async def follow_registry() -> str:
     global _served_version
     if not config.corefbot_nightly_follow_registry or not serves_local_models():
         return ""
-    from plugins.resolver import get_service
+    from corefbot.plugins.resolver import get_service
 
     async with _swap_lock:
         version = await db(registry.serving)
@@ -162,7 +162,7 @@ async def announce(text: str, *, skip_group: str | None = None, skip_user: str |
         except Exception as exc:  # noqa: BLE001
             logger.error(f"corefbot nightly: could not send the summary to {user}: {exc!r}")
     if purge:
-        from plugins.labels import runtime as labels_runtime
+        from corefbot.plugins.labels import runtime as labels_runtime
 
         await labels_runtime.purge(purge)
     return sent

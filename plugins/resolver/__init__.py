@@ -2,7 +2,7 @@
 from nonebot import require
 from nonebot.plugin import PluginMetadata
 
-require("plugins.chatlog")
+require("corefbot.plugins.chatlog")
 
 from .config import Config  # noqa: E402
 from .handlers import get_service  # noqa: E402

@@ -1,7 +1,7 @@
 """Ask the group's upstream assistant: OpenAI-compatible chat completions, or a plain JSON POST.
 
 ``json``:   POST URL ``{"query", "group", "history": [{"sender", "text", "timestamp"}], "id"}`` → ``{"answer": str}``
-``openai``: POST URL (``…/chat/completions`` appended unless the URL already ends with it)
+``openai``: POST to the chat-completions endpoint of URL (:func:`~corefbot.models.serve.http.chat_completions_url`)
             ``{"model", "messages": [system?, {"role": "user", "content": query}]}`` → ``choices[0].message.content``
 
 Every request carries an ``Idempotency-Key`` header (the outbox item's question id), so an assistant that
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
+
+from corefbot.models.serve.http import chat_completions_url
 
 log = logging.getLogger("corefbot.resolver")
 
@@ -49,9 +51,7 @@ class AssistantClient:
 
     @property
     def endpoint(self) -> str:
-        if self.api == "openai" and not self.url.rstrip("/").endswith("/chat/completions"):
-            return self.url.rstrip("/") + "/chat/completions"
-        return self.url
+        return chat_completions_url(self.url) if self.api == "openai" else self.url
 
     async def ask(self, query: str, *, group: str, history: list[dict] | None = None,
                   request_id: str | None = None) -> str:

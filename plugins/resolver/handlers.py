@@ -6,9 +6,9 @@ import asyncio
 import nonebot
 from nonebot import get_driver, get_plugin_config, logger
 
-from plugins.chatlog import get_recorder
-from plugins.chatlog.capture import platform_of
-from plugins.chatlog.handlers import config as chatlog_config
+from corefbot.plugins.chatlog import get_recorder
+from corefbot.plugins.chatlog.capture import platform_of
+from corefbot.plugins.chatlog.handlers import config as chatlog_config
 
 from .config import Config
 from .forward import AssistantClient
@@ -30,7 +30,7 @@ def backend_name(cfg: Config) -> str:
 
 def load_configured_resolver(cfg: Config):
     """The configured resolver; a missing or corrupt model (or bad URL) is logged and replaced by rules."""
-    from models.resolver import load_resolver
+    from corefbot.models.serve.resolver import load_resolver
 
     resolver = load_resolver(
         backend_name(cfg), fallback=True, model_path=str(cfg.corefbot_model_path) if cfg.corefbot_model_path else None,
@@ -39,6 +39,17 @@ def load_configured_resolver(cfg: Config):
     if resolver.fallback_reason:
         logger.error(f"corefbot resolver: {resolver.fallback_reason}; serving with the rules backend instead")
     return resolver
+
+
+def swap_loader(cfg: Config):
+    """How a hot swap (a nightly promotion, a rollback) loads a GGUF: with the same threads and gate as at start.
+    No fallback here: a model that fails to load leaves the serving one in place."""
+    from corefbot.models.serve.resolver import load_resolver
+
+    def load(gguf_path: str):
+        return load_resolver("llama-cpp", model_path=gguf_path, n_threads=cfg.corefbot_resolver_threads,
+                             gate_path=cfg.corefbot_gate_path)
+    return load
 
 
 def make_assistant(cfg: Config) -> AssistantClient | None:
@@ -82,7 +93,8 @@ async def post_reply(item: OutboxItem, text: str) -> str | None:
 
 # Made at import so other plugins can add listeners at any time; the model is loaded when the driver starts.
 _service = ResolverService(None, lambda fn: get_recorder().call(fn), assistant=make_assistant(config),
-                           post_reply=post_reply, bot_ids=lambda: set(nonebot.get_bots()), options=options(config))
+                           post_reply=post_reply, bot_ids=lambda: set(nonebot.get_bots()), options=options(config),
+                           model_loader=swap_loader(config))
 driver = get_driver()
 
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from pipeline.store import Store
+from corefbot.pipeline.store import Store
 
 Status = Literal["pending", "answered", "replying", "delivered", "failed", "expired"]
 _COLS = ("id, merged_id, platform, group_id, self_id, reply_to, asker, question, query, history, status, "

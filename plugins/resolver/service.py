@@ -33,17 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, TypeVar
 
-from pipeline.records import Merged, Turn, message_key
-from pipeline.window import turn
+from corefbot.pipeline.records import Merged, Turn, message_key
+from corefbot.pipeline.window import turn
 
 from . import outbox
 from .forward import AssistantClient, AssistantError
 from .worker import ADDRESSED, BACKGROUND, PriorityWorker
 
 if TYPE_CHECKING:
-    from models.resolver import Resolution, Resolver
-    from pipeline.store import Store
-    from plugins.chatlog import Update
+    from corefbot.models.serve.resolver import Resolver
+    from corefbot.models.serve.types import Resolution
+    from corefbot.pipeline.store import Store
+    from corefbot.plugins.chatlog import Update
 
 log = logging.getLogger("corefbot.resolver")
 T = TypeVar("T")
@@ -134,8 +135,8 @@ class ResolverService:
     def add_resolution_listener(self, listener: ResolutionListener) -> None:
         """Call ``await listener(update, resolution)`` after each question is resolved and recorded.
 
-        ``update`` is the chatlog :class:`~plugins.chatlog.Update` (``update.merged`` is the question's
-        run, ``update.window`` its context); ``resolution`` is the :class:`models.resolver.Resolution`
+        ``update`` is the chatlog :class:`~corefbot.plugins.chatlog.Update` (``update.merged`` is the question's
+        run, ``update.window`` its context); ``resolution`` is the :class:`corefbot.models.serve.resolver.Resolution`
         (``decision``, ``probs``, ``margin``, ``rewrite``; ``resolution.query(update.merged.text)`` is
         what was or would be forwarded). The row is already in ``decisions`` when the listener runs.
         Listeners run on the event loop, after the question was queued for the assistant, so a slow
@@ -316,7 +317,7 @@ class ResolverService:
             return await asyncio.wrap_future(self._worker_thread.submit(
                 priority, lambda: resolver.resolve(window, question, group=group_key)))
         except Exception as exc:  # noqa: BLE001 - a failing model must not lose the question
-            from models.resolver import Resolution
+            from corefbot.models.serve.types import Resolution
 
             log.error("resolver %s failed on a question of %s (%s); forwarding it as asked",
                       resolver.name, group_key, exc)
@@ -466,6 +467,6 @@ def _describe(resolver: "Resolver") -> str:
 
 
 def _load_llama(path: str) -> "Resolver":
-    from models.resolver import load_resolver
+    from corefbot.models.serve.resolver import load_resolver
 
     return load_resolver("llama-cpp", model_path=path, fallback=False)

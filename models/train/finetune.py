@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from pipeline.prompt import balanced_orders, build_prompt, target
-from pipeline.records import Example
-from models.hf_eval import decoder_and_head, encode, pick_device, torch_dtype_for
-from models.split import Split, assert_no_leak, split_examples
+from corefbot.pipeline.prompt import balanced_orders, build_prompt, target
+from corefbot.pipeline.records import Example
+from corefbot.models.train.evaluate import decoder_and_head, encode, pick_device, torch_dtype_for
+from corefbot.models.train.split import Split, assert_no_leak, split_examples
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +71,7 @@ class FinetuneConfig:
     seed: int = 0
     split_seed: int = 0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    split_unit: str = "auto"  # conversation | day | auto (models.split.Unit)
+    split_unit: str = "auto"  # conversation | day | auto (corefbot.models.train.split.Unit)
     eval_rewrites: bool = True
     eval_base: bool = False  # also evaluate the untouched base on the test split (Table 2's "before")
     eval_max_examples: int | None = None  # cap per evaluated split (a deterministic subset); None = all
@@ -418,7 +418,7 @@ def subset(examples: Sequence[Example], limit: int | None) -> list[Example]:
 def validate(model: Any, tokenizer: Any, split: Split, config: FinetuneConfig, *,
              progress: bool = True) -> dict[str, Any]:
     """Validation loss and decisions, and the test split's decisions (all option orders) and rewrites."""
-    from models.hf_eval import evaluate, evaluate_decisions, response_losses
+    from corefbot.models.train.evaluate import evaluate, evaluate_decisions, response_losses
 
     metrics: dict[str, Any] = {}
     val = subset(split.validation, config.eval_max_examples)
@@ -490,13 +490,6 @@ def _json_default(o: Any) -> Any:
 
 # ---- the whole run -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class RunResult:
-    out: Path
-    metrics: dict[str, Any]
-    fit: FitResult
-
-
 def train_and_eval(base: str | Path, train: Sequence[Example], split: Split, config: FinetuneConfig, *,
                    progress: bool = True) -> tuple[Session, FitResult, dict[str, Any], int]:
     """setup → fit → validate, asserting that nothing held out is trained on."""
@@ -508,79 +501,3 @@ def train_and_eval(base: str | Path, train: Sequence[Example], split: Split, con
     if session.accelerator.is_main_process:
         metrics = validate(session.model, session.tokenizer, split, config, progress=progress)
     return session, result, metrics, dropped
-
-
-def run(base: str | Path, data_path: str | Path, out: str | Path, config: FinetuneConfig, *,
-        select: SelectMethod | None = None, keep: float = 0.3, progress: bool = True) -> RunResult:
-    """The whole ``corefbot train``: load → split → (select) → train → evaluate → save."""
-    from pipeline.examples import load_examples
-
-    out = Path(out)
-    examples = load_examples(data_path)
-    split = split_examples(examples, seed=config.split_seed, fractions=config.split_fractions,
-                           unit=config.split_unit)  # type: ignore[arg-type]
-    if not split.train:
-        raise ValueError(f"{data_path}: the train split is empty ({len(examples)} examples)")
-    manifest: dict[str, Any] = {
-        "data": str(Path(data_path).resolve()), "data_sha256": file_sha256(data_path),
-        "examples": len(examples), "split": split.manifest(), "split_ids": split.ids(),
-    }
-    extra: dict[str, Any] = {"data": str(Path(data_path).resolve())}
-    selection_report: dict[str, Any] | None = None
-    train = list(split.train)
-    if select:
-        from models.selection import select_examples
-
-        sel = select_examples(base, split, config, method=select, keep=keep, out=out / "selection",
-                              progress=progress)
-        train = list(sel.kept)
-        selection_report = sel.summary()
-        extra.update({"select": select, "keep": keep})
-    session, result, metrics, dropped = train_and_eval(base, train, split, config, progress=progress)
-    manifest["trained_on"] = {"examples": len(train), "dropped_too_long": dropped,
-                              "ids_sha256": hashlib.sha256("\n".join(sorted(e.id for e in train)).encode()).hexdigest()}
-    metrics["train"] = result.summary()
-    metrics["parameters"] = {"total": session.parameters, "trainable": session.trainable}
-    if selection_report is not None:
-        from models.selection import compare_to_full
-
-        metrics["selection"] = compare_to_full(selection_report, metrics)
-    if config.eval_base and session.accelerator.is_main_process:
-        from models.hf_eval import evaluate, load_model
-
-        bmodel, btok = load_model(base, device=config.device, dtype=config.dtype)
-        metrics["base_test"] = evaluate(bmodel, btok, subset(split.test, config.eval_max_examples),
-                                        rewrites=config.eval_rewrites,
-                                        max_new_tokens=config.rewrite_max_new_tokens, progress=progress)
-        del bmodel
-    if session.accelerator.is_main_process:
-        save(session, out, fit_result=result, manifest=manifest, metrics=metrics, extra_config=extra)
-    session.accelerator.wait_for_everyone()
-    return RunResult(out, metrics, result)
-
-
-def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(config, manifest, metrics) of a finished run folder; names the missing file."""
-    import yaml
-
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "manifest.json", "metrics.json"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name}: missing (not a finished finetune run folder)")
-    return (yaml.safe_load((run_dir / "config.yaml").read_text()),
-            json.loads((run_dir / "manifest.json").read_text()),
-            json.loads((run_dir / "metrics.json").read_text()))
-
-
-def run_split(run_dir: str | Path) -> tuple[Split, list[Example]]:
-    """Rebuild a run's split from its data file and check it is the one recorded in the manifest."""
-    from pipeline.examples import load_examples
-
-    config, manifest, _ = read_run(run_dir)
-    cfg = FinetuneConfig.from_dict({k: v for k, v in config.items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}})
-    examples = load_examples(manifest["data"])
-    split = split_examples(examples, seed=cfg.split_seed, fractions=cfg.split_fractions,
-                           unit=cfg.split_unit)  # type: ignore[arg-type]
-    if split.ids() != manifest["split_ids"]:
-        raise ValueError(f"{manifest['data']}: the data changed since run {run_dir} (its split no longer matches)")
-    return split, examples

@@ -22,9 +22,9 @@ import re
 import unicodedata
 from typing import Sequence
 
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_PIECE = re.compile(rf"[{_CJK}]+|[A-Za-z0-9][\w.+#\-]*", re.UNICODE)
-_IS_CJK = re.compile(rf"[{_CJK}]")
+from corefbot.pipeline.text import CJK, HAS_CJK
+
+_PIECE = re.compile(rf"[{CJK}]+|[A-Za-z0-9][\w.+#\-]*", re.UNICODE)
 
 # Words a rewrite may add without the window containing them: glue, not content.
 EN_GLUE = frozenset("""
@@ -70,7 +70,7 @@ def _norm(text: str) -> str:
 
 
 def _latin_words(text: str) -> list[str]:
-    return [w.strip(".-") for w in re.findall(r"[a-z0-9][\w.+#\-']*", text) if not _IS_CJK.search(w)]
+    return [w.strip(".-") for w in re.findall(r"[a-z0-9][\w.+#\-']*", text) if not HAS_CJK.search(w)]
 
 
 def _stem(word: str) -> str:
@@ -90,7 +90,7 @@ def _variant(a: str, b: str) -> bool:
 def _content_units(text: str) -> list[str]:
     """The question's content: Latin words that are not anaphors or glue, and Chinese characters that are not."""
     units = [_stem(w) for w in _latin_words(text) if w not in EN_ANAPHORS and w not in EN_GLUE]
-    units += [c for c in text if _IS_CJK.match(c) and c not in ZH_ANAPHORS and c not in ZH_GLUE]
+    units += [c for c in text if HAS_CJK.match(c) and c not in ZH_ANAPHORS and c not in ZH_GLUE]
     return units
 
 
@@ -148,12 +148,12 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
         if op not in ("insert", "replace"):
             continue
         # Widen to whole Latin words: the diff can split "mmpose" against "model".
-        while b0 > 0 and r[b0 - 1].isalnum() and not _IS_CJK.match(r[b0 - 1]):
+        while b0 > 0 and r[b0 - 1].isalnum() and not HAS_CJK.match(r[b0 - 1]):
             b0 -= 1
-        while b1 < len(r) and r[b1].isalnum() and not _IS_CJK.match(r[b1]):
+        while b1 < len(r) and r[b1].isalnum() and not HAS_CJK.match(r[b1]):
             b1 += 1
         for piece in _PIECE.findall(r[b0:b1]):
-            if _IS_CJK.match(piece):
+            if HAS_CJK.match(piece):
                 missing = _cover_cjk(piece, window + "\n" + q)
                 if missing:
                     return False, f"rewrite adds {piece!r}, not found in the chat ({missing!r} unexplained)"

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
-from pipeline.records import Example
+from corefbot.pipeline.records import Example
 
 if TYPE_CHECKING:
-    from models.finetune import FinetuneConfig
-    from models.split import Split
+    from corefbot.models.train.finetune import FinetuneConfig
+    from corefbot.models.train.split import Split
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def top_share(examples: Sequence[Example], scores: Mapping[str, float], keep: fl
 def answer_losses(model: Any, tokenizer: Any, examples: Sequence[Example], *, seed: int,
                   with_instruction: bool = True, progress: bool = False) -> dict[str, float]:
     """Mean answer-token loss per example id, rendered as in training (same balanced orders)."""
-    from models.finetune import encode_examples
-    from models.hf_eval import encode, response_losses
+    from corefbot.models.train.finetune import encode_examples
+    from corefbot.models.train.evaluate import encode, response_losses
 
     enc, _ = encode_examples(examples, tokenizer, seed=seed)
     if with_instruction:
@@ -99,8 +99,8 @@ def select_examples(base: str | Path, split: "Split", config: "FinetuneConfig", 
     """Score the training split with ``method`` and keep the top ``keep`` share."""
     import gc
 
-    from models.finetune import train_and_eval
-    from models.hf_eval import load_model
+    from corefbot.models.train.finetune import train_and_eval
+    from corefbot.models.train.evaluate import load_model
 
     if method not in ("lobass", "ifd"):
         raise ValueError(f"unknown selection method {method!r}; choose lobass or ifd")

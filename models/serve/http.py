@@ -1,8 +1,8 @@
 """The ``http`` resolver backend: the same decision and rewrite over any OpenAI-compatible
 chat-completions endpoint (llama.cpp's server, ``python -m llama_cpp.server``, vLLM, Ollama).
 
-The prompt is the one prompt builder's (:func:`pipeline.prompt.build_prompt` with
-:data:`~pipeline.prompt.SERVE_ORDER`): :data:`~pipeline.prompt.SYSTEM` as the system message and the
+The prompt is the one prompt builder's (:func:`corefbot.pipeline.prompt.build_prompt` with
+:data:`~corefbot.pipeline.prompt.SERVE_ORDER`): :data:`~corefbot.pipeline.prompt.SYSTEM` as the system message and the
 instruction as the user message, which the server's ChatML template turns into exactly the text the
 local backend and training see.
 
@@ -25,9 +25,9 @@ import urllib.error
 import urllib.request
 from typing import Any, Mapping, Sequence
 
-from models.resolver import Resolution
-from pipeline.prompt import LETTERS, SERVE_ORDER, SYSTEM, Prompt, build_prompt, parse_response
-from pipeline.records import Decision, Turn
+from corefbot.models.serve.types import Resolution
+from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, SYSTEM, Prompt, build_prompt, parse_response
+from corefbot.pipeline.records import Decision, Turn
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,15 @@ class HttpBackendError(RuntimeError):
 
 
 def chat_completions_url(url: str) -> str:
-    """Accept a server root, a ``…/v1`` base or the full endpoint; return the endpoint."""
+    """The one rule for every OpenAI-compatible URL corefbot is given (resolver, question scorer, assistant):
+    the full endpoint is kept, a base with a path (``…/v1``, ``…/api``) gets ``/chat/completions``, a bare
+    server root gets ``/v1/chat/completions``."""
+    from urllib.parse import urlsplit
+
     url = url.rstrip("/")
     if url.endswith("/chat/completions"):
         return url
-    if url.endswith("/v1"):
+    if urlsplit(url).path:
         return url + "/chat/completions"
     return url + "/v1/chat/completions"
 

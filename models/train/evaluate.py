@@ -2,7 +2,7 @@
 
 Decisions come from the next-token log-probabilities of the three option letters right after the
 assistant turn opens, so no answer is ever unparseable. Because training shuffles the option order,
-every example is asked in all six orders (:data:`pipeline.prompt.ALL_ORDERS`) and the report gives
+every example is asked in all six orders (:data:`corefbot.pipeline.prompt.ALL_ORDERS`) and the report gives
 the mean and the spread over orders: a model that learned "always answer A" scores well on the two
 orders where A is "needs" and badly on the others, and its mean shows it.
 Rewrites are scored on the examples labelled "needs": the prompt is followed by the "needs" letter
@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from pipeline.metrics import Confusion, exact_match, token_f1
-from pipeline.prompt import ALL_ORDERS, LETTERS, SERVE_ORDER, Order, Prompt, build_prompt
-from pipeline.records import Decision, Example
+from corefbot.pipeline.metrics import Confusion, exact_match, token_f1
+from corefbot.pipeline.prompt import ALL_ORDERS, LETTERS, SERVE_ORDER, Order, Prompt, build_prompt
+from corefbot.pipeline.records import Decision, Example
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
     import torch
@@ -104,7 +104,7 @@ def encode(tokenizer: Any, prompt_text: str, response: str | None = None) -> tup
 
 def letter_ids(tokenizer: Any) -> tuple[int, ...]:
     """The token each option letter starts with when it opens the assistant's answer."""
-    from pipeline.records import Turn
+    from corefbot.pipeline.records import Turn
 
     probe = build_prompt((), Turn("a", "?", 0.0)).chatml()
     base, _ = encode(tokenizer, probe)

@@ -1,7 +1,7 @@
 """``corefbot eval``: measure a resolver backend on labelled examples.
 
 Backends evaluated:
-- ``rules``, ``llama-cpp``, ``http``: what is served — :func:`models.resolver.load_resolver` (gate in
+- ``rules``, ``llama-cpp``, ``http``: what is served — :func:`corefbot.models.serve.resolver.load_resolver` (gate in
   front of the model backends, rewrite validation behind every backend);
 - ``gate``: the gate alone as the decision ("needs" = sent to the model), the recall/skip trade-off;
 - ``pronoun``: the plain pronoun-list baseline (it/they/this/that…; 它/他/这/那…) that ``rules`` must beat.
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from pipeline.metrics import Confusion, exact_match, percentile, token_f1
-from pipeline.records import Decision, Example
+from corefbot.pipeline.metrics import Confusion, exact_match, percentile, token_f1
+from corefbot.pipeline.records import Decision, Example
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,13 @@ class Outcome:
 
 
 def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: str | None, http_model: str,
-               api_key: str | None, n_threads: int | None):
+               api_key: str | None, n_threads: int | None, gate_path: str | Path | None = None):
     """A function example -> Outcome, and a closer."""
-    from models.gate import Gate
+    from corefbot.models.serve.gate import Gate
 
-    gate_obj = Gate.load()
+    gate_obj = Gate.load(gate_path)
     if name == "pronoun":
-        from models.rules import pronoun_baseline
+        from corefbot.models.serve.rules import pronoun_baseline
 
         def predict(e: Example) -> Outcome:
             start = time.perf_counter()
@@ -68,14 +68,14 @@ def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: st
                            (time.perf_counter() - start) * 1000)
         return predict, lambda: None
 
-    from models.resolver import load_resolver
+    from corefbot.models.serve.resolver import load_resolver
 
     kwargs: dict[str, Any] = {}
     if name == "llama-cpp":
         kwargs = {"model_path": model_path, "n_threads": n_threads}
     elif name == "http":
         kwargs = {"url": url, "http_model": http_model, "api_key": api_key}
-    resolver = load_resolver(name, gate=gate, **kwargs)
+    resolver = load_resolver(name, gate=gate, gate_path=gate_path, **kwargs)
 
     def predict(e: Example) -> Outcome:
         start = time.perf_counter()
@@ -141,7 +141,7 @@ def _div(a: float, b: float) -> float:
 
 def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = True, model_path: str | None = None,
              url: str | None = None, http_model: str = "default", api_key: str | None = None,
-             n_threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+             n_threads: int | None = None, gate_path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Run ``backend`` over ``examples`` and return the report (see the module docstring)."""
     if backend not in EVAL_BACKENDS:
         raise ValueError(f"unknown eval backend {backend!r}; choose one of {', '.join(EVAL_BACKENDS)}")
@@ -150,7 +150,7 @@ def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = 
     from tqdm import tqdm
 
     predict, close = _predictor(backend, gate=gate, model_path=model_path, url=url, http_model=http_model,
-                                api_key=api_key, n_threads=n_threads)
+                                api_key=api_key, n_threads=n_threads, gate_path=gate_path)
     try:
         outcomes = [predict(e) for e in tqdm(examples, desc=f"eval {backend}", unit="q", disable=not progress)]
     finally:
@@ -163,7 +163,7 @@ def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = 
 
 def load_for_eval(path: str | Path, split: str | None = None) -> list[Example]:
     """Unified JSONL or a corefbot alpaca export; ``split`` keeps rows of that split only."""
-    from pipeline.examples import load_examples
+    from corefbot.pipeline.examples import load_examples
 
     path = Path(path)
     if not path.is_file():

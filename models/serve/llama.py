@@ -4,11 +4,11 @@ One :class:`LlamaBackend` owns one ``llama_cpp.Llama`` and one worker thread; ev
 happens on that thread, so callers (the bot runs ``resolve`` in a thread off its event loop) never
 touch the native context concurrently.
 
-Decision: the prompt comes from :func:`pipeline.prompt.build_prompt` (the one prompt builder) with
-:data:`~pipeline.prompt.SERVE_ORDER`; the next-token logits of the three option letters at the
+Decision: the prompt comes from :func:`corefbot.pipeline.prompt.build_prompt` (the one prompt builder) with
+:data:`~corefbot.pipeline.prompt.SERVE_ORDER`; the next-token logits of the three option letters at the
 assistant position are soft-maxed into ``Resolution.probs`` and the decision is their argmax, so it can
 never be unparseable. When the decision is "needs", the letter and a newline are appended (exactly as
-:func:`pipeline.prompt.target` writes training targets) and the rewrite is generated greedily under a
+:func:`corefbot.pipeline.prompt.target` writes training targets) and the rewrite is generated greedily under a
 GBNF grammar that allows one line of bounded length; control tokens are masked so no ChatML marker
 leaks into the text.
 
@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from models.resolver import Resolution
-from pipeline.prompt import LETTERS, SERVE_ORDER, build_prompt, chatml_prefix
-from pipeline.records import Decision, Turn
+from corefbot.models.serve.types import Resolution
+from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, build_prompt, chatml_prefix
+from corefbot.pipeline.records import Decision, Turn
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.store import Store
+from corefbot.pipeline.store import Store
 
 Status = Literal["candidate", "serving", "retired", "rolled_back", "rejected"]
 STATUSES: tuple[Status, ...] = ("candidate", "serving", "retired", "rolled_back", "rejected")

@@ -11,17 +11,17 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
-from bot.echo_assistant import EchoAssistant
-from bot.onebot_peer import OneBotPeer
-from bot.process import BotProcess
-from pipeline.store import Store
-from pipeline.window import DEFAULT_WINDOW
+from corefbot.demo.assistant import EchoAssistant
+from corefbot.demo.peer import OneBotPeer
+from corefbot.demo.process import BotProcess
+from corefbot.pipeline.store import Store
+from corefbot.pipeline.window import DEFAULT_WINDOW
 
 DEMO_GROUP = 777000
 
 
 def demo_lines() -> list[dict]:
-    text = resources.files("bot").joinpath("demo_chat.jsonl").read_text(encoding="utf-8")
+    text = resources.files("corefbot.demo").joinpath("chat.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

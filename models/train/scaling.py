@@ -1,7 +1,7 @@
 """The paper's scaling-law check: does the decision metric rise with model size on these labels?
 
 A ladder of models (base checkpoints, or finetune run folders) is evaluated on the labelled set with
-all six option orders (:mod:`models.hf_eval`). The report has the paper's layout — parameters,
+all six option orders (:mod:`corefbot.models.train.evaluate`). The report has the paper's layout — parameters,
 precision, recall, F1, and for fine-tuned models the improvement over their base — a plot of the
 metric against parameter count, and a verdict: the Spearman rank correlation of the metric with size
 and the steps where a larger model scores lower. Falling steps (beyond the spread over option orders)
@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from models.hf_eval import Metric, Stat
-from pipeline.records import Example
+from corefbot.models.train.evaluate import Metric, Stat
+from corefbot.pipeline.records import Example
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def scaling_check(models: Sequence[str | Path], examples: Sequence[Example], *, 
     """Evaluate each model (and each fine-tuned model's base) on ``examples``, all option orders."""
     import gc
 
-    from models.hf_eval import evaluate_decisions, load_model
+    from corefbot.models.train.evaluate import evaluate_decisions, load_model
 
     if not models:
         raise ValueError("scaling-check needs at least one model folder")

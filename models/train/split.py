@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
 
-from pipeline.records import Example
+from corefbot.pipeline.records import Example
 
 Side = Literal["train", "validation", "test"]
 SIDES: tuple[Side, ...] = ("train", "validation", "test")

@@ -1,7 +1,7 @@
 """From a finetune run to a served model: merge the adapter → GGUF → quantize → check → register.
 
-The check asks the quantized GGUF (through the serving backend, :class:`models.llama_backend.LlamaBackend`)
-and the merged HF model (through :mod:`models.hf_eval`) for the decision on the run's test split, in
+The check asks the quantized GGUF (through the serving backend, :class:`corefbot.models.serve.llama.LlamaBackend`)
+and the merged HF model (through :mod:`corefbot.models.train.evaluate`) for the decision on the run's test split, in
 the serving option order, and reports how often they agree: quantization that flips decisions shows
 here before the version can be promoted. The version is registered as a ``candidate`` with the run's
 test metrics; promotion is the nightly job's (or a moderator's) call.
@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from models.gguf import Quant, QUANTS
-from pipeline.prompt import SERVE_ORDER, build_prompt
-from pipeline.records import Decision, Example
+from corefbot.models.ship.gguf import Quant, QUANTS
+from corefbot.pipeline.prompt import SERVE_ORDER, build_prompt
+from corefbot.pipeline.records import Decision, Example
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.finetune import read_run
+    from corefbot.models.train.run import read_run
 
     run_dir = Path(run_dir)
     config, _, _ = read_run(run_dir)
@@ -77,9 +77,9 @@ def decision_agreement(hf_dir: str | Path, gguf_path: str | Path, examples: Sequ
 
     from tqdm import tqdm
 
-    from models.hf_eval import decide, load_model, option_logprobs
-    from models.llama_backend import LlamaBackend
-    from pipeline.metrics import Confusion
+    from corefbot.models.train.evaluate import decide, load_model, option_logprobs
+    from corefbot.models.serve.llama import LlamaBackend
+    from corefbot.pipeline.metrics import Confusion
 
     if not examples:
         raise ValueError("no examples to compare the quantized model on")
@@ -125,8 +125,9 @@ def export_gguf(run_dir: str | Path, quant: Quant = "q4_k_m", *, store: Any | No
     """
     import json
 
-    from models.finetune import read_run, run_split, subset
-    from models.gguf import convert_hf_to_gguf, quantize
+    from corefbot.models.train.finetune import subset
+    from corefbot.models.train.run import read_run, run_split
+    from corefbot.models.ship.gguf import convert_hf_to_gguf, quantize
 
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
@@ -161,7 +162,7 @@ def export_gguf(run_dir: str | Path, quant: Quant = "q4_k_m", *, store: Any | No
     }
     version_id = None
     if store is not None:
-        from models.registry import register
+        from corefbot.models.ship.registry import register
 
         version_id = register(store, gguf_path=out.resolve(), run_dir=run_dir.resolve(), base=config["base"],
                               metrics=record, quant=quant, note=note).id

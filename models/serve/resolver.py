@@ -12,59 +12,19 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Mapping, Protocol, Sequence
+from typing import Sequence
 
-from pipeline.records import Decision, Turn
+from corefbot.models.serve.types import BACKENDS, Backend, BackendName, Resolution
+from corefbot.pipeline.records import Turn
 
 log = logging.getLogger(__name__)
-
-BackendName = Literal["rules", "llama-cpp", "http"]
-BACKENDS: tuple[BackendName, ...] = ("rules", "llama-cpp", "http")
-
-
-@dataclass(frozen=True, slots=True)
-class Resolution:
-    """What a resolver made of one question."""
-
-    decision: Decision
-    probs: Mapping[Decision, float]  # per-option confidence, summing to 1
-    rewrite: str | None = None  # the self-contained question, when the decision is "needs"
-    backend: str = ""
-    gated: bool = False  # True when the gate answered and no model ran
-    rejected_rewrite: str | None = None  # a rewrite that failed validation (kept for the log)
-    reject_reason: str | None = None
-    latency_ms: float = 0.0
-
-    @property
-    def margin(self) -> float:
-        """Top option's probability minus the runner-up's: small means the model is unsure."""
-        top = sorted(self.probs.values(), reverse=True) + [0.0, 0.0]
-        return top[0] - top[1]
-
-    def query(self, question: str) -> str:
-        """The text to forward: the accepted rewrite, or the question as asked."""
-        return self.rewrite if self.decision == "needs" and self.rewrite else question
-
-
-class Backend(Protocol):
-    """A raw decision + rewrite source. ``resolve`` blocks; callers run it off the event loop."""
-
-    name: str
-
-    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None) -> Resolution: ...
-
-    def observe(self, group: str, window: Sequence[Turn]) -> None:
-        """A new message arrived in ``group``: a backend may prefill its state for the next question."""
-
-    def close(self) -> None: ...
-
 
 @dataclass
 class Resolver:
     """Gate → backend → rewrite validation. Thread-compatible as far as the backend is."""
 
     backend: Backend
-    gate: "object | None" = None  # models.gate.Gate; typed loosely to keep the import lazy
+    gate: "object | None" = None  # corefbot.models.serve.gate.Gate; typed loosely to keep the import lazy
     validate: bool = True
     fallback_reason: str | None = field(default=None)  # set when a configured model could not load
 
@@ -80,7 +40,7 @@ class Resolver:
         else:
             res = self.backend.resolve(window, question, group=group)
             if self.validate and res.decision == "needs" and res.rewrite:
-                from models.validate import validate_rewrite
+                from corefbot.models.serve.validate import validate_rewrite
 
                 ok, reason = validate_rewrite(question.text, res.rewrite, [t.text for t in window])
                 if not ok:
@@ -105,21 +65,21 @@ def load_backend(name: BackendName, *, model_path: str | None = None, url: str |
     if name == "llama-cpp":
         if not model_path:
             raise ValueError("the llama-cpp backend needs a GGUF model path (COREFBOT_MODEL_PATH or --model)")
-        from models.llama_backend import LlamaBackend
+        from corefbot.models.serve.llama import LlamaBackend
 
         return LlamaBackend(model_path, n_threads=n_threads)
     if name == "http":
         if not url:
             raise ValueError("the http backend needs an OpenAI-compatible base URL (COREFBOT_RESOLVER_URL or --url)")
-        from models.http_backend import HttpBackend
+        from corefbot.models.serve.http import HttpBackend
 
         return HttpBackend(url, model=http_model, api_key=api_key)
     raise ValueError(f"unknown resolver backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def _rules(gate_path: str | Path | None) -> Backend:
-    from models.gate import Gate
-    from models.rules import RulesBackend
+    from corefbot.models.serve.gate import Gate
+    from corefbot.models.serve.rules import RulesBackend
 
     return RulesBackend(gate=Gate.load(gate_path))
 
@@ -138,7 +98,7 @@ def load_resolver(name: BackendName, *, gate: bool = True, fallback: bool = Fals
         backend, reason = _rules(gate_path), f"{name}: {exc}"
     gate_obj = None
     if gate and backend.name != "rules":
-        from models.gate import Gate
+        from corefbot.models.serve.gate import Gate
 
         gate_obj = Gate.load(gate_path)
     return Resolver(backend=backend, gate=gate_obj, fallback_reason=reason)

@@ -50,7 +50,7 @@ SHAPES: dict[str, ModelShape] = {
 
 def _corpus() -> list[str]:
     """Text to train the tokenizer on: the prompt template, bilingual chat lines, digits and ASCII."""
-    from pipeline import prompt
+    from corefbot.pipeline import prompt
 
     lines = [prompt.SYSTEM, prompt.HEADER.format(options=""), prompt.NO_HISTORY, prompt.QUESTION_SCORE_PROMPT,
              *prompt.OPTION_TEXT.values(),

@@ -1,8 +1,8 @@
 """The gate: a cheap detector that lets self-contained questions skip the model.
 
-A logistic regression over the rule cues of :mod:`models.rules`, character 1–3-grams of the question
+A logistic regression over the rule cues of :mod:`corefbot.models.serve.cues`, character 1–3-grams of the question
 (Chinese needs characters, not words) and its first words, trained in pure Python (no numpy, so the
-rules-only path installs nothing heavy) with AdaGrad and L2. It ships as ``models/gate_model.json``
+rules-only path installs nothing heavy) with AdaGrad and L2. It ships as ``models/serve/gate_model.json``
 and retrains from any labelled examples (:meth:`Gate.train`).
 
 Two thresholds come out of training, both chosen on out-of-fold predictions over the training rows
@@ -14,11 +14,10 @@ Two thresholds come out of training, both chosen on out-of-fold predictions over
   too low for Chinese;
 - ``decision_threshold`` (the ``rules`` backend's decision): the one with the best out-of-fold Matthews correlation.
 
-Rebuild the shipped model: ``python -m models.gate [--shared ../shared/data] [--out models/gate_model.json]``.
+Rebuild the shipped model: ``python -m corefbot.models.train.gate`` (:mod:`corefbot.models.train.gate`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -31,18 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from pipeline.records import Example, Turn
+from corefbot.models.serve.cues import STRONG_CUES, cues
+from corefbot.pipeline.records import Example, Turn
+from corefbot.pipeline.text import language
 
 if TYPE_CHECKING:
-    from pipeline.store import Store
+    from corefbot.pipeline.store import Store
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = Path(__file__).with_name("gate_model.json")
-DATA = Path(__file__).parent / "data"
-# Hand-written cases (tech troubleshooting; conversations about people, projects, papers, events); their
-# "test" splits are never fitted.
-OWN_DATA = tuple(DATA / f"{name}.jsonl" for name in ("zh_cases", "en_cases", "zh_topics", "en_topics"))
 FORMAT = "corefbot-gate/1"
 
 
@@ -56,8 +53,6 @@ _SHAPE = ("content_", "overlap_", "term_", "no_term", "full_name", "partial_name
 
 def features(window: Sequence[Turn], question: Turn) -> list[str]:
     """Sparse binary features of one question (its window only enters through the rule cues)."""
-    from models.rules import cues
-
     text = _normalize(question.text)
     found = cues(window, question)
     feats = ["bias"] + [f"r:{c}" for c in found]
@@ -74,13 +69,6 @@ def features(window: Sequence[Turn], question: Turn) -> list[str]:
         feats.append(f"w0:{words[0]}")
         feats.append(f"w01:{' '.join(words[:2])}")
     return list(dict.fromkeys(feats))
-
-
-def language(text: str) -> str:
-    """"zh" for text with Chinese characters (mixed Chinese–English chat included), else "en"."""
-    from models.rules import _HAS_CJK
-
-    return "zh" if _HAS_CJK.search(text) else "en"
 
 
 def _sigmoid(z: float) -> float:
@@ -110,12 +98,6 @@ def _fit(rows: list[tuple[list[str], int, float]], *, epochs: int, lr: float, l2
     return {f: round(v, 4) for f, v in w.items() if abs(v) >= 5e-4}
 
 
-def _strong_cues() -> frozenset[str]:
-    from models.rules import STRONG_CUES
-
-    return STRONG_CUES
-
-
 def _source(example: Example) -> str:
     return example.id.split(":", 1)[0]
 
@@ -134,7 +116,7 @@ def _recall_threshold(scored: list[tuple[float, int]], target: float) -> float:
 
 
 def _mcc_threshold(scored: list[tuple[float, int]]) -> float:
-    from pipeline.metrics import Confusion
+    from corefbot.pipeline.metrics import Confusion
 
     best, best_t = -2.0, 0.5
     for t in [i / 100 for i in range(5, 96)]:
@@ -153,7 +135,7 @@ class Gate:
     decision_threshold: float = 0.5
     thresholds: dict[str, float] = field(default_factory=dict)  # per language() where trained; else ``threshold``
     meta: dict = field(default_factory=dict)
-    override: frozenset[str] = field(default_factory=lambda: _strong_cues())
+    override: frozenset[str] = STRONG_CUES
 
     def probability(self, window: Sequence[Turn], question: Turn) -> float:
         """The classifier's probability that the question needs resolution."""
@@ -161,8 +143,6 @@ class Gate:
 
     def strong_cue(self, window: Sequence[Turn], question: Turn) -> bool:
         """Whether a rule that alone sends the question on (an explicit anaphor, clear ellipsis) fires."""
-        from models.rules import cues
-
         return bool(self.override & set(cues(window, question)))
 
     def needs_model(self, window: Sequence[Turn], question: Turn) -> bool:
@@ -196,7 +176,7 @@ class Gate:
             w = _fit(train, **kw)
             scored += [(_score(w, f), y) for f, y, _ in held]
         weights = _fit(rows, **kw)
-        override = _strong_cues()
+        override = STRONG_CUES
         # A row a strong cue already sends on counts as sent whatever its score: score it 1.
         strong = [bool(override & {f[2:] for f in feats if f.startswith("r:")}) for feats, _, _ in rows]
         held_order = [i for k in range(folds) for i, e in enumerate(usable) if fold_of[e.conversation] == k]
@@ -209,7 +189,7 @@ class Gate:
             mine = [sy for sy, l in zip(scored, langs) if l == lang]
             if sum(y for _, y in mine) >= min_language_positives:
                 thresholds[lang] = _recall_threshold(mine, target_recall)
-        from pipeline.metrics import Confusion
+        from corefbot.pipeline.metrics import Confusion
 
         oof = Confusion.of([bool(y) for _, y in scored],
                            [p >= thresholds.get(l, threshold) for (p, _), l in zip(scored, langs)])
@@ -231,12 +211,13 @@ class Gate:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Gate":
-        """The gate at ``path``; by default ``COREFBOT_GATE_PATH`` (a retrained gate) or the shipped model."""
+        """The gate at ``path``; by default ``COREFBOT_GATE_PATH`` from the environment (a retrained gate; the bot
+        passes its setting explicitly) or the shipped model."""
         path = Path(path or os.environ.get("COREFBOT_GATE_PATH") or DEFAULT_PATH)
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"gate model {path} does not exist (rebuild it with `python -m models.gate`)") from None
+            raise FileNotFoundError(f"gate model {path} does not exist (rebuild it with `python -m corefbot.models.train.gate`)") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"gate model {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -247,60 +228,4 @@ class Gate:
         return cls(weights={str(k): float(v) for k, v in doc["weights"].items()}, threshold=float(doc["threshold"]),
                    decision_threshold=float(doc.get("decision_threshold", 0.5)),
                    thresholds={str(k): float(v) for k, v in doc.get("thresholds", {}).items()}, meta=doc.get("meta", {}),
-                   override=frozenset(doc["override"]) if "override" in doc else _strong_cues())
-
-
-def default_training_examples(shared: str | Path | None = None) -> list[Example]:
-    """The shipped model's training rows: task_gecor's train split and the train splits of our own cases."""
-    from pipeline.examples import load_unified
-
-    examples = [e for path in OWN_DATA if path.exists() for e in load_unified(path) if e.split == "train"]
-    shared = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared" / "data"
-    task = shared / "task_gecor.jsonl"
-    if task.exists():
-        examples += load_unified(task, split="train")
-    else:
-        log.warning("%s is absent: training on the Chinese cases only", task)
-    return examples
-
-
-def train_from_store(store: "Store", *, base: bool = True, use_member: bool = True, **train_kwargs) -> Gate:
-    """Retrain from the deployment's labels (moderators' and, with ``use_member``, members'), on top
-    of the shipped training rows when ``base``. The caller saves it where ``Gate.load`` will find it."""
-    from pipeline.export import store_examples
-
-    examples = store_examples(store, use_member=use_member)
-    log.info("gate retraining with %d labelled questions from the store", len(examples))
-    if base:
-        examples = default_training_examples() + examples
-    return Gate.train(examples, **train_kwargs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.gate", description="Train the shipped gate model.")
-    parser.add_argument("--shared", help="folder holding task_gecor.jsonl (default ../shared/data)")
-    parser.add_argument("--extra", nargs="*", default=[], help="more training files (unified or alpaca; all their rows)")
-    parser.add_argument("--only", action="store_true",
-                        help="train on the --extra files alone; the logged out-of-fold recall and specificity then say how "
-                             "well this feature family separates that data when fitted on it (cross-validated by conversation)")
-    parser.add_argument("--out", default=str(DEFAULT_PATH))
-    parser.add_argument("--target-recall", type=float, default=0.99)
-    args = parser.parse_args(argv)
-    if args.only and not args.extra:
-        parser.error("--only needs --extra FILE ...")
-    if args.only and Path(args.out).resolve() == DEFAULT_PATH.resolve():
-        parser.error("--only must not overwrite the shipped gate: give --out")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.examples import load_examples
-
-    examples = [] if args.only else default_training_examples(args.shared)
-    for path in args.extra:
-        examples += load_examples(path)
-    gate = Gate.train(examples, target_recall=args.target_recall)
-    gate.save(args.out)
-    log.info("wrote %s (%d weights, %d bytes)", args.out, len(gate.weights), Path(args.out).stat().st_size)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+                   override=frozenset(doc["override"]) if "override" in doc else STRONG_CUES)

@@ -32,7 +32,7 @@ OutType = Literal["f16", "f32"]
 Quant = Literal["q4_k_m", "q8_0"]
 QUANTS: tuple[Quant, ...] = ("q4_k_m", "q8_0")
 
-# Qwen2's pre-tokenizer split (tokenizer.json of every Qwen2/Qwen2.5 checkpoint, and models.tiny's).
+# Qwen2's pre-tokenizer split (tokenizer.json of every Qwen2/Qwen2.5 checkpoint, and corefbot.models.train.tiny's).
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -1,4 +1,4 @@
-"""Run the real bot (``python -m bot``) as a child process on a free loopback port.
+"""Run the real bot (``python -m corefbot``) as a child process on a free loopback port.
 
 Used by ``corefbot demo``, the end-to-end tests and the live-capture benchmark: the bot is the same
 process a deployment runs, configured only through environment variables.
@@ -40,7 +40,7 @@ class BotProcess:
     def start(self, timeout: float = 60.0) -> "BotProcess":
         self._log = open(self.log_path, "w")
         # cwd: a folder without a .env, so the environment above is the whole configuration.
-        self.proc = subprocess.Popen([sys.executable, "-m", "bot"], env=self.env, stdout=self._log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "corefbot"], env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, cwd=self.db.parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,18 +1,18 @@
 """The nightly retraining job: labels → LoRA → evaluation against the serving model → gate → GGUF → registry.
 
 ``run_nightly(db_path, config)`` is a plain function meant to run in its own process (``corefbot nightly
---now``; the bot's ``plugins.nightly`` starts that command on its schedule). Order of work:
+--now``; the bot's ``corefbot.plugins.nightly`` starts that command on its schedule). Order of work:
 
 1. take the job lock (a file lock in the work folder: two runs never overlap, in one process or many);
 2. copy the labelled examples out of the bot's database in one short read transaction (WAL: the bot's
    writer is never blocked), then work on files only;
 3. too few labels changed since the last run that trained → skip with a note;
-4. train a LoRA adapter on the train split (``models.finetune.run``) into a new run folder;
+4. train a LoRA adapter on the train split (``corefbot.models.train.run.run``) into a new run folder;
 5. evaluate the serving model on the same test split (its run folder: base + adapter; with nothing
    serving, the base model) — so both F1 figures come from the same examples and all option orders;
 6. promote only when the candidate's F1 beats that by at least ``margin`` (the paper's Qwen1.5-4B lost
    11.5 F1 points after fine-tuning: a new adapter is not better by default);
-7. merge → GGUF → quantize → HF-vs-GGUF agreement (``models.serving_export.export_gguf``), then register
+7. merge → GGUF → quantize → HF-vs-GGUF agreement (``corefbot.models.ship.export.export_gguf``), then register
    and promote in the registry — the only step that changes what serves, and the last one.
 
 A crash at any step leaves the registry's serving version and its GGUF file as they were: everything
@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
-from models.gguf import Quant
+from corefbot.models.ship.gguf import Quant
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def prune_runs(work: str | Path, store: Any, keep: int) -> list[Path]:
     target) or candidate version points at. Returns the folders deleted."""
     import shutil
 
-    from models import registry
+    from corefbot.models.ship import registry
 
     runs_dir = Path(work) / "runs"
     if not runs_dir.is_dir():
@@ -286,7 +286,7 @@ class _State:
 def run_nightly(db_path: str | Path, config: NightlyConfig, *, on_step: StepHook | None = None) -> NightlyReport:
     """Run the job once (see the module docstring). Never raises for a failed step: the report says
     ``failed`` with the step and the error; ``busy`` when another run holds the lock."""
-    from pipeline.store import Store
+    from corefbot.pipeline.store import Store
 
     work = config.resolved_work_dir(db_path)
     state = _State(started_at=time.time(), trigger=config.trigger)
@@ -336,10 +336,11 @@ def _step(state: _State, name: Step, on_step: StepHook | None) -> None:
 
 
 def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: StepHook | None) -> NightlyReport:
-    from models import registry
-    from models.finetune import load_preset, run as finetune_run, subset
-    from models.split import split_examples
-    from pipeline.examples import load_examples
+    from corefbot.models.ship import registry
+    from corefbot.models.train.finetune import load_preset, subset
+    from corefbot.models.train.run import run as finetune_run
+    from corefbot.models.train.split import split_examples
+    from corefbot.pipeline.examples import load_examples
 
     margin = config.margin
     # ---- snapshot: everything we need from the bot's database, in one short read transaction ----
@@ -406,7 +407,7 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
 
     # ---- GGUF for serving ----
     _step(state, "export", on_step)
-    from models.serving_export import export_gguf
+    from corefbot.models.ship.export import export_gguf
 
     t = time.perf_counter()
     exported = export_gguf(run_dir, config.quant, store=None, max_examples=config.agreement_examples,
@@ -443,9 +444,9 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
 def _snapshot(store: Any, config: NightlyConfig) -> tuple[list, dict, Any, float, float | None]:
     """Labelled examples, their label rows, the serving version and the last cutoff — one consistent
     read (a WAL snapshot: the bot keeps writing meanwhile)."""
-    from models import registry
-    from pipeline.export import store_examples
-    from pipeline.labels import effective_labels
+    from corefbot.models.ship import registry
+    from corefbot.pipeline.export import store_examples
+    from corefbot.pipeline.labels.rows import effective_labels
 
     store.salt()  # may write (first export ever): before the read transaction
     conn = store.db.conn
@@ -464,7 +465,7 @@ def _write_data(examples: list, out: Path, labels: dict) -> None:
     """The alpaca export of the snapshot, with a manifest (counts, sources, hash) beside it."""
     import hashlib
 
-    from pipeline.export import alpaca_rows, manifest_path
+    from corefbot.pipeline.export import alpaca_rows, manifest_path
 
     data = json.dumps(alpaca_rows(examples), ensure_ascii=False, indent=1).encode()
     out.write_bytes(data)
@@ -480,7 +481,7 @@ def _write_data(examples: list, out: Path, labels: dict) -> None:
 
 def _baseline_f1(serving: Any, base: Path, test: list, cfg: Any) -> tuple[str, float]:
     """(name, test F1) of what the candidate must beat, evaluated on ``test`` the same way."""
-    from models.hf_eval import evaluate_decisions, load_model
+    from corefbot.models.train.evaluate import evaluate_decisions, load_model
 
     if serving is not None:
         run_dir = Path(serving.run_dir) if serving.run_dir else None

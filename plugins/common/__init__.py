@@ -1,0 +1,1 @@
+"""What the plugins share: every setting (:mod:`.settings`)."""
