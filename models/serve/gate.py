@@ -35,7 +35,7 @@ from corefbot.pipeline.records import Example, Turn
 from corefbot.pipeline.text import language
 
 if TYPE_CHECKING:
-    from corefbot.pipeline.store import Store
+    pass
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 from corefbot.pipeline.prompt import balanced_orders, build_prompt, target
 from corefbot.pipeline.records import Example
 from corefbot.models.train.evaluate import decoder_and_head, encode, pick_device, torch_dtype_for
-from corefbot.models.train.split import Split, assert_no_leak, split_examples
+from corefbot.models.train.split import Split, assert_no_leak
 
 if TYPE_CHECKING:
     import torch
