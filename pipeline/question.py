@@ -3,18 +3,16 @@
 The paper had an LLM score "is this a question with a topic, or a question to other members" from 0
 to 10 and kept scores ≥ 5; texts shorter than 7 characters were never labelled. The rule scorer gives
 the same scale without a model, so capture and import work before any model exists; an
-:class:`LLMScorer` can re-score what the rules pass (any OpenAI-compatible endpoint, or the local model).
+:class:`LLMScorer` can re-score what the rules pass (:mod:`corefbot.models.serve.question_llm`: any
+OpenAI-compatible endpoint).
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
-import urllib.request
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from corefbot.pipeline.prompt import QUESTION_SCORE_PROMPT
 from corefbot.pipeline.records import Turn
 
 log = logging.getLogger(__name__)
@@ -101,30 +99,3 @@ def parse_score(answer: str) -> float | None:
     if not match:
         return None
     return max(0.0, min(10.0, float(match.group())))
-
-
-class OpenAIScorer:
-    """The paper's scoring prompt over any OpenAI-compatible chat-completions endpoint."""
-
-    def __init__(self, base_url: str, model: str = "default", api_key: str | None = None,
-                 timeout_s: float = 30.0) -> None:
-        self.url = base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
-        self.model, self.api_key, self.timeout_s = model, api_key, timeout_s
-
-    def score(self, text: str, window: Sequence[Turn] = ()) -> float:
-        body = json.dumps({
-            "model": self.model, "temperature": 0, "max_tokens": 4,
-            "messages": [{"role": "user", "content": QUESTION_SCORE_PROMPT.format(text=text)}],
-        }).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers)
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            answer = json.load(response)["choices"][0]["message"]["content"]
-        score = parse_score(answer)
-        if score is None:
-            # An unreadable score must not silently count as "not a question": fall back to rules.
-            log.warning("LLM question scorer gave no number (%r); using the rule score", answer)
-            return rule_score(text)
-        return score

@@ -129,9 +129,9 @@ async def test_admin_next_label_by_id_and_by_letter_with_audit(app: App, clock) 
 
 
 async def test_superuser_and_listed_moderator_allowed_malformed_gets_usage(app: App, clock, monkeypatch) -> None:
-    from corefbot.plugins.labels import runtime
+    from corefbot.plugins.common import moderators
 
-    monkeypatch.setattr(runtime.config, "corefbot_moderators", {"40021"})
+    monkeypatch.setattr(moderators.config, "corefbot_moderators", {"40021"})
     await db(seed(7403, [("40022", "how to deploy it on TX2?", 0.2)]))
     async with app.test_matcher() as ctx:
         bot = make_bot(ctx)

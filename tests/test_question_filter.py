@@ -63,7 +63,7 @@ def test_second_stage_llm_scorer_over_an_openai_compatible_endpoint(store) -> No
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
     from corefbot.pipeline.build import build
-    from corefbot.pipeline.question import OpenAIScorer
+    from corefbot.models.serve.question_llm import OpenAIScorer
     from corefbot.pipeline.records import Message
 
     prompts: list[str] = []

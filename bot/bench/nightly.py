@@ -1,4 +1,4 @@
-"""Nightly job: wall time of one full run (export → train → evaluate → gate → GGUF → register) on N labels.
+"""Nightly job: wall time of one full run (export → train → evaluate → promotion check → GGUF → register) on N labels.
 
 By default: the tiny random Qwen2 model (built locally), the ``tiny`` preset and the project's own
 zh/en cases (516 labelled questions, cut to ``--labels``) imported into a fresh bot database. The

@@ -11,7 +11,7 @@ from corefbot.plugins.common.settings import default_db_path
 from corefbot.pipeline.build import build
 from corefbot.pipeline.export import iter_records, write_alpaca, write_records
 from corefbot.pipeline.importer import import_jsonl
-from corefbot.pipeline.question import OpenAIScorer, QuestionFilter
+from corefbot.pipeline.question import QuestionFilter
 from corefbot.pipeline.store import Store
 from corefbot.pipeline.window import DEFAULT_WINDOW
 
@@ -71,7 +71,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     store = open_store(args)
     start = time.perf_counter()
-    scorer = OpenAIScorer(args.llm_url, args.llm_model, os.environ.get("COREFBOT_LLM_KEY")) if args.llm_url else None
+    scorer = None
+    if args.llm_url:
+        from corefbot.models.serve.question_llm import OpenAIScorer
+
+        scorer = OpenAIScorer(args.llm_url, args.llm_model, os.environ.get("COREFBOT_LLM_KEY"))
     stats = build(store, gap_s=args.gap, question_filter=QuestionFilter(args.threshold, args.min_chars),
                   scorer=scorer, progress=sys.stderr.isatty())
     print(f"{stats.messages} messages → {stats.merged} merged → {stats.questions} questions "

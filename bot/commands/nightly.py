@@ -23,7 +23,7 @@ EXIT = {"promoted": 0, "rejected": 0, "skipped": 0, "failed": 1, "busy": 3}
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("nightly", help="run the nightly retraining job now (--now), or list recent runs")
-    p.add_argument("--now", action="store_true", help="run the job once: export → train → evaluate → gate → GGUF")
+    p.add_argument("--now", action="store_true", help="run the job once: export → train → evaluate → promotion check → GGUF")
     p.add_argument("--base", metavar="HF_DIR", help="base model folder (default COREFBOT_BASE_MODEL)")
     p.add_argument("--preset", help="finetune preset or YAML (default COREFBOT_NIGHTLY_PRESET)")
     p.add_argument("--work-dir", metavar="DIR",

@@ -28,14 +28,11 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from corefbot.models.serve.cues import STRONG_CUES, cues
 from corefbot.pipeline.records import Example, Turn
 from corefbot.pipeline.text import language
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

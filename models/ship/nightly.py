@@ -1,4 +1,4 @@
-"""The nightly retraining job: labels → LoRA → evaluation against the serving model → gate → GGUF → registry.
+"""The nightly retraining job: labels → LoRA → evaluation against the serving model → promotion check → GGUF → registry.
 
 ``run_nightly(db_path, config)`` is a plain function meant to run in its own process (``corefbot nightly
 --now``; the bot's ``corefbot.plugins.nightly`` starts that command on its schedule). Order of work:
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 Status = Literal["promoted", "rejected", "skipped", "failed", "busy"]
 STATUSES: tuple[Status, ...] = ("promoted", "rejected", "skipped", "failed", "busy")
-Step = Literal["lock", "snapshot", "train", "baseline", "gate", "export", "register", "done"]
+Step = Literal["lock", "snapshot", "train", "baseline", "promotion", "export", "register", "done"]
 #: Called with each step's name as it starts (progress, and tests that inject a failure).
 StepHook = Callable[[str], None]
 
@@ -390,8 +390,8 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
     state.baseline, state.f1_before = _baseline_f1(serving, base, test, cfg)
     state.seconds["baseline"] = time.perf_counter() - t
 
-    # ---- the gate ----
-    _step(state, "gate", on_step)
+    # ---- the promotion check ----
+    _step(state, "promotion", on_step)
     head = _trained_sentence(state, config, cfg.preset, base)
     gain = state.f1_after - state.f1_before
     if not gain >= margin:  # also catches NaN

@@ -16,15 +16,17 @@ from nonebot import get_driver, on_command, on_message
 from nonebot.adapters import Bot, Event, Message
 from nonebot.matcher import Matcher
 from nonebot.params import CommandArg
-from nonebot.permission import SUPERUSER
 
 from corefbot.pipeline.labels.review import review_next
 from corefbot.pipeline.labels.rows import item_id, labels_of, merged_of_item, set_label
 from corefbot.pipeline.labels.stats import label_stats
 from corefbot.pipeline.labels.undo import UndoConflict, undo_last
-from corefbot.pipeline.records import message_key
 from corefbot.pipeline.store import Store
 from corefbot.plugins.chatlog.capture import group_of, platform_of
+
+from corefbot.plugins.common.database import db, purge
+from corefbot.plugins.common.moderators import is_moderator
+from corefbot.plugins.common.replies import traffic_keys
 
 from . import runtime
 from .texts import LETTER_LABEL, REFUSAL, USAGE, item_text, stats_text
@@ -45,15 +47,6 @@ class Session:
 _sessions: dict[tuple[str, str | None, str], Session] = {}
 handler_ms: list[float] = []  # per command, event in → reply sent (benchmark)
 db_ms: list[float] = []  # of which the database work on the writer, queueing included
-
-
-async def is_moderator(bot: Bot, event: Event) -> bool:
-    if await SUPERUSER(bot, event):
-        return True
-    if str(event.get_user_id()) in runtime.config.corefbot_moderators:
-        return True
-    role = getattr(getattr(event, "sender", None), "role", None)
-    return group_of(event) is not None and role in ("owner", "admin")
 
 
 def _scope(bot: Bot, event: Event) -> Scope:
@@ -169,7 +162,7 @@ async def _label_command(bot: Bot, event: Event, matcher: Matcher, arg: Message 
 
 async def _timed_db(work) -> str:
     started = time.perf_counter()
-    text = await runtime.db(work)
+    text = await db(work)
     db_ms.append((time.perf_counter() - started) * 1000)
     return text
 
@@ -180,21 +173,9 @@ def _rewrite(text: str | None) -> str | None:
 
 
 async def _reply(matcher: Matcher, bot: Bot, event: Event, text: str, started: float) -> None:
-    result = await matcher.send(text)
+    sent = await matcher.send(text)
     handler_ms.append((time.perf_counter() - started) * 1000)
-    await runtime.purge(_traffic_keys(bot, event, result))
-
-
-def _traffic_keys(bot: Bot, event: Event, result: object) -> list[str]:
-    """The command message and the bot's reply: neither belongs in the chat log."""
-    group = group_of(event)
-    if group is None:
-        return []
-    platform = platform_of(bot)
-    keys = [message_key(platform, group, str(getattr(event, "message_id", "")))]
-    if isinstance(result, dict) and result.get("message_id") is not None:
-        keys.append(message_key(platform, group, str(result["message_id"])))
-    return keys
+    await purge(traffic_keys(bot, event, sent))
 
 
 async def _bare_answer_rule(bot: Bot, event: Event) -> bool:

@@ -14,6 +14,8 @@ from corefbot.pipeline.records import message_key
 from corefbot.plugins.chatlog import Update, get_recorder
 from corefbot.plugins.chatlog.capture import platform_of
 
+from corefbot.plugins.common.database import db, purge
+
 from . import runtime
 from .texts import prompt_text
 
@@ -52,7 +54,7 @@ async def on_resolution(update: Update, resolution: "Resolution") -> None:
         return
     t = runtime.now(update.message.timestamp)
     reading, rewrite = resolution.decision, resolution.rewrite
-    reserved = await runtime.db(lambda store: reserve_prompt(store, merged, reading, rewrite, t, runtime.limits))
+    reserved = await db(lambda store: reserve_prompt(store, merged, reading, rewrite, t, runtime.limits))
     if isinstance(reserved, str):
         logger.debug(f"labels: not asking about {merged.id}: {reserved}")
         return
@@ -67,9 +69,9 @@ async def on_resolution(update: Update, resolution: "Resolution") -> None:
                                 prompt_text(reading, rewrite, runtime.config.corefbot_labels_lang))
     except Exception as exc:  # noqa: BLE001 - a failed prompt is recorded as failed, never retried
         logger.warning(f"labels: could not send the prompt about {merged.id}: {exc!r}")
-    await runtime.db(lambda store: prompt_sent(store, reserved.id, mid))
+    await db(lambda store: prompt_sent(store, reserved.id, mid))
     if mid is not None:
-        await runtime.purge([message_key(merged.platform, merged.group, mid)])
+        await purge([message_key(merged.platform, merged.group, mid)])
 
 
 async def on_message_stored(update: Update) -> None:
@@ -78,12 +80,12 @@ async def on_message_stored(update: Update) -> None:
     if message.from_self or parse_answer(message.text) is None:
         return  # most messages: decided here, without a trip to the writer
     t = runtime.now(message.timestamp)
-    answered = await runtime.db(lambda store: answer_prompt(
+    answered = await db(lambda store: answer_prompt(
         store, platform=message.platform, group=message.group, sender=message.sender, text=message.text,
         reply_to=message.reply_to, now=t))
     if answered is not None:
         logger.info(f"labels: member {message.sender} answered {answered.prompt.merged_id}: {answered.label}")
-        await runtime.purge([message.key])
+        await purge([message.key])
 
 
 driver = get_driver()

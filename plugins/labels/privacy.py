@@ -12,7 +12,8 @@ from corefbot.pipeline.labels.prompts import close_prompts_of
 from corefbot.pipeline.store import Store
 from corefbot.plugins.chatlog.capture import platform_of
 
-from . import runtime
+from corefbot.plugins.common.database import db, forget_open_runs
+
 from .commands import _reply
 
 optout = on_command("optout", priority=5, block=True, force_whitespace=True)
@@ -29,7 +30,7 @@ async def _optout(bot: Bot, event: Event, matcher: Matcher) -> None:
         store.opt_out(platform, user)
         close_prompts_of(store, platform, user)
 
-    await runtime.db(work)
+    await db(work)
     await _reply(matcher, bot, event, "OK: I no longer record your messages or ask you anything. "
                                       "/optin to undo, /forgetme to delete what is stored.", started)
 
@@ -38,7 +39,7 @@ async def _optout(bot: Bot, event: Event, matcher: Matcher) -> None:
 async def _optin(bot: Bot, event: Event, matcher: Matcher) -> None:
     started = time.perf_counter()
     platform, user = platform_of(bot), str(event.get_user_id())
-    await runtime.db(lambda store: store.opt_in(platform, user))
+    await db(lambda store: store.opt_in(platform, user))
     await _reply(matcher, bot, event, "OK: your messages are recorded again.", started)
 
 
@@ -51,9 +52,9 @@ async def _forgetme(bot: Bot, event: Event, matcher: Matcher) -> None:
         groups = {(platform, g) for (g,) in store.db.conn.execute(
             "SELECT DISTINCT group_id FROM messages WHERE platform = ? AND sender = ?", (platform, user))}
         done = forget_member(store, platform, user)
-        runtime.forget_open_runs(groups)  # their open run must not come back with their next line
+        forget_open_runs(groups)  # their open run must not come back with their next line
         return done
 
-    done = await runtime.db(work)
+    done = await db(work)
     await _reply(matcher, bot, event, f"Done: deleted {done.messages} of your messages and every label, prompt "
                                       "and reply about them. /optout to stop recording from now on.", started)

@@ -16,7 +16,7 @@ from .job import JOB_ID, SYNC_JOB_ID, install, make_trigger  # noqa: E402
 
 __plugin_meta__ = PluginMetadata(
     name="corefbot nightly",
-    description="Nightly LoRA retraining with a promotion gate, GGUF export and hot-swap; /model commands.",
+    description="Nightly LoRA retraining with a promotion check, GGUF export and hot-swap; /model commands.",
     usage="Runs at COREFBOT_NIGHTLY_TIME (03:30) in COREFBOT_TIMEZONE when COREFBOT_BASE_MODEL is set. "
           "Moderators: /model status | /model history [N] | /model rollback | /model retrain.",
     type="application",

@@ -20,10 +20,11 @@ from nonebot.params import CommandArg
 
 from corefbot.models.ship import registry
 from corefbot.models.ship.nightly import recent_runs
-from corefbot.pipeline.records import message_key
 from corefbot.pipeline.store import Store
-from corefbot.plugins.chatlog.capture import group_of, platform_of
-from corefbot.plugins.labels.commands import is_moderator
+from corefbot.plugins.chatlog.capture import group_of
+from corefbot.plugins.common.database import db
+from corefbot.plugins.common.moderators import is_moderator
+from corefbot.plugins.common.replies import reply_off_the_record
 
 from . import runtime
 from .job import JOB_ID
@@ -37,7 +38,7 @@ model_cmd = on_command("model", priority=5, block=True, force_whitespace=True)
 @model_cmd.handle()
 async def _model(bot: Bot, event: Event, matcher: Matcher, arg: Message = CommandArg()) -> None:
     if not await is_moderator(bot, event):
-        await _reply(matcher, bot, event, REFUSAL)
+        await reply_off_the_record(matcher, bot, event, REFUSAL)
         return
     words = arg.extract_plain_text().split()
     action, rest = (words[0].lower(), words[1:]) if words else ("status", [])
@@ -45,14 +46,14 @@ async def _model(bot: Bot, event: Event, matcher: Matcher, arg: Message = Comman
         text = await _status()
     elif action == "history":
         limit = int(rest[0]) if rest and rest[0].isdigit() else 8
-        text = await runtime.db(lambda store: _history(store, max(1, min(limit, 30))))
+        text = await db(lambda store: _history(store, max(1, min(limit, 30))))
     elif action == "rollback":
         text = await _rollback()
     elif action == "retrain":
         text = _retrain(bot, event)
     else:
         text = USAGE
-    await _reply(matcher, bot, event, text)
+    await reply_off_the_record(matcher, bot, event, text)
 
 
 # ---- status and history --------------------------------------------------------------------------
@@ -83,7 +84,7 @@ async def _status() -> str:
     def read(store: Store) -> tuple:
         return registry.serving(store), recent_runs(store, 1)
 
-    serving, runs = await runtime.db(read)
+    serving, runs = await db(read)
     lines = []
     if serving is None:
         lines.append("serving: no registered version (the configured model or the rules backend)")
@@ -124,7 +125,7 @@ async def _rollback() -> str:
         return withdrawn, registry.rollback(store)
 
     try:
-        withdrawn, now = await runtime.db(roll)
+        withdrawn, now = await db(roll)
     except registry.RegistryError as exc:
         return f"not rolled back: {exc}"
     old = f"v{withdrawn.id} withdrawn; " if withdrawn else ""
@@ -154,18 +155,3 @@ def _retrain(bot: Bot, event: Event) -> str:
 
     runtime.background(go())
     return "retraining started in the background; I will post the summary here when it is done"
-
-
-async def _reply(matcher: Matcher, bot: Bot, event: Event, text: str) -> None:
-    result = await matcher.send(text)
-    # The command and the bot's answer are not chat: keep both out of the chat log (as /label does).
-    group = group_of(event)
-    if group is None:
-        return
-    platform = platform_of(bot)
-    keys = [message_key(platform, group, str(getattr(event, "message_id", "")))]
-    if isinstance(result, dict) and result.get("message_id") is not None:
-        keys.append(message_key(platform, group, str(result["message_id"])))
-    from corefbot.plugins.labels import runtime as labels_runtime
-
-    await labels_runtime.purge(keys)

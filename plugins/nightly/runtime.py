@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable
 
 import nonebot
 from nonebot import get_plugin_config, logger
@@ -11,25 +11,18 @@ from nonebot import get_plugin_config, logger
 from corefbot.models.ship import registry
 from corefbot.models.ship.nightly import NightlyReport
 from corefbot.pipeline.records import message_key
-from corefbot.pipeline.store import Store
-from corefbot.plugins.chatlog import get_recorder
+from corefbot.plugins.common.database import db, purge
 from corefbot.plugins.chatlog.capture import platform_of
 from corefbot.plugins.chatlog.handlers import db_path
 
 from .config import Config
 from .job import NightlyRunner, job_argv
 
-T = TypeVar("T")
 config = get_plugin_config(Config)
 _runner: NightlyRunner | None = None
 _served_version: int | None = None  # the registry version the bot last switched to (or found serving)
 _swap_lock = asyncio.Lock()
 _tasks: set[asyncio.Task] = set()
-
-
-def db(fn: Callable[[Store], T]) -> Awaitable[T]:
-    """Run ``fn(store)`` on the chatlog's single writer thread (the event loop never waits on SQLite)."""
-    return get_recorder().call(fn)
 
 
 def work_dir() -> Path:
@@ -146,13 +139,13 @@ async def announce(text: str, *, skip_group: str | None = None, skip_user: str |
         logger.warning(f"corefbot nightly: no OneBot v11 bot connected to tell the moderators: {text}")
         return 0
     sent = 0
-    purge: list[str] = []
+    sent_keys: list[str] = []  # the summary is about the model, not chat: kept out of the chat log
     for group in groups:
         try:
             result = await bot.send_group_msg(group_id=int(group), message=text)
             sent += 1
             if isinstance(result, dict) and result.get("message_id") is not None:
-                purge.append(message_key(platform_of(bot), group, str(result["message_id"])))
+                sent_keys.append(message_key(platform_of(bot), group, str(result["message_id"])))
         except Exception as exc:  # noqa: BLE001 - one unreachable group must not stop the others
             logger.error(f"corefbot nightly: could not post the summary in group {group}: {exc!r}")
     for user in users:
@@ -161,10 +154,8 @@ async def announce(text: str, *, skip_group: str | None = None, skip_user: str |
             sent += 1
         except Exception as exc:  # noqa: BLE001
             logger.error(f"corefbot nightly: could not send the summary to {user}: {exc!r}")
-    if purge:
-        from corefbot.plugins.labels import runtime as labels_runtime
-
-        await labels_runtime.purge(purge)
+    if sent_keys:
+        await purge(sent_keys)
     return sent
 
 
