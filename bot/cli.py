@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "corefbot.commands.models_cmd",  # make-model
     "corefbot.commands.nightly",  # nightly --now (the nightly retraining job)
     "corefbot.commands.eval",  # eval (resolver backends on labelled data)
+    "corefbot.commands.config",  # config (every COREFBOT_* setting)
 ]
 
 
