@@ -22,9 +22,10 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ QWEN2_SPLIT = (
 )
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "uint16"}  # numpy dtype names
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,9 @@ def _safetensors_index(hf_dir: Path) -> dict[str, _StTensor]:
     return index
 
 
-def _load_f32(t: _StTensor) -> np.ndarray:
+def _load_f32(t: _StTensor) -> "np.ndarray":
+    import numpy as np
+
     count = int(np.prod(t.shape)) if t.shape else 1
     raw = np.memmap(t.file, dtype=_ST_DTYPES[t.dtype], mode="r", offset=t.begin, shape=(count,))
     if t.dtype == "BF16":  # bf16 is the top half of an f32
@@ -207,6 +210,7 @@ def convert_hf_to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: OutTyp
     written to a temporary name and renamed, so a crash never leaves a truncated GGUF behind.
     """
     import gguf
+    import numpy as np
     from tqdm import tqdm
 
     if outtype not in ("f16", "f32"):
