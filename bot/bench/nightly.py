@@ -21,7 +21,7 @@ CASES = Path(__file__).resolve().parents[2] / "models" / "train" / "cases"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=int, default=500, help="labelled questions to train on (default 500)")
-    p.add_argument("--data", metavar="JSONL", help="unified labelled data instead of models/data/{zh,en}_cases.jsonl")
+    p.add_argument("--data", metavar="JSONL", help="unified labelled data instead of models/train/cases/{zh,en}_cases.jsonl")
     p.add_argument("--base", metavar="HF_DIR", help="base model (default: a tiny random Qwen2 built here)")
     p.add_argument("--preset", default="tiny", help="finetune preset (default tiny)")
     p.add_argument("--max-steps", type=int, help="override the preset's optimizer steps")
