@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "bot.commands.models_cmd",  # make-model
     "bot.commands.nightly",  # nightly --now (the nightly retraining job)
     "bot.commands.eval",  # eval (resolver backends on labelled data)
+    "bot.commands.questions",  # eval-questions (the question filter on real inquiries / labelled lines)
 ]
 
 

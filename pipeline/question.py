@@ -137,6 +137,8 @@ def _ba_asks(clause: str, before: str) -> float:
     ("你先试试吧", "换小一点的模型吧", "好吧"); one that judges nothing stays borderline."""
     if _ZH_BA_IMPERATIVE.search(clause):
         return 0.0
+    if re.search(r"太\S{1,8}了吧$", clause):
+        return 3.5  # "你这配置也太豪华了吧": an exclamation as often as a question
     judged = re.search(r"应该|是|的|了|不|没|能|会|还|有|够|得|只|至少|大概|可能|估计|算|都|也", before)
     return 5.0 if judged else 3.5
 
