@@ -22,6 +22,13 @@ class Config(BaseModel):
     corefbot_resolve_all: bool = True  # resolve and record every question, also those the bot will not answer
     corefbot_resolve_backlog: int = 16  # unaddressed questions waiting for the model beyond this are skipped
 
+    # -- the question filter's second stage (models/question_llm.py) --
+    corefbot_question_llm: Literal["off", "local", "http"] = "off"  # local: the resolver's GGUF; http: an endpoint
+    corefbot_question_band: str = "3-5"  # rule scores LOW-HIGH (low inclusive) re-scored by the model
+    corefbot_question_llm_url: str | None = None  # OpenAI-compatible base URL for "http"
+    corefbot_question_llm_model: str = "default"
+    corefbot_question_llm_key: str | None = None
+
     # -- the upstream assistant --
     corefbot_assistant_url: str | None = None  # unset: resolve and record, forward nothing
     corefbot_assistant_api: AssistantApi = "openai"  # openai: chat completions; json: {query, group, history} -> {answer}
