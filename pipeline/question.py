@@ -41,7 +41,9 @@ _CLAUSE = re.compile(r"[，,。.!！;；\s…~～]+")
 
 # -- Chinese ----------------------------------------------------------------------------------------
 # 吗/么 ask wherever a clause ends with them ("原来是被逼的吗（", "能不能用吗 佬们"); 嘛/呢 only at the end.
-_ZH_MA = re.compile(r"(?:吗|(?<![什怎那这多要为甚])么)(?=" + _TRAIL + r"(?:$|[\s，,。.!！?？~～…(（)）]))")
+# An address after the particle ("能用吗大佬", "有嘛各位") still ends the question.
+_ADDRESS = r"(?:大佬|佬|各位|兄弟|老师|老哥|朋友|群友|大家|同学)们?"
+_ZH_MA = re.compile(r"(?:吗|(?<![什怎那这多要为甚])么)(?=" + _TRAIL + r"(?:$|[\s，,。.!！?？~～…(（)）]|" + _ADDRESS + "))")
 _ZH_FINAL = re.compile(r"(?:嘛|呢|否|不|没|没有)$")
 _ZH_CLAUSE_FINAL = re.compile(r"(?:嘛|呢)(?=[\s，,。.!！~～…]+\S)")
 _ZH_FINAL_NOT = re.compile(r"(?:还|也|都|就|并|才|已|从来)(?:没|没有|不)$|(?:怎么说|谁知道|不知道)呢$|要不$|不得不$")
@@ -50,7 +52,7 @@ _ZH_BA = re.compile(r"吧$")
 _ZH_BA_IMPERATIVE = re.compile(
     r"(?:试试|试一下|看看|找找|再说|这样|算了|走|去|来|吃饭|睡|等等|等着|一起\S{0,4}|随便|加油|运气)吧$"
     r"|^(?:那就|也|就|那)?(?:好|行)吧$"
-    r"|^(?:那就|你先|先|我们|咱们|大家|要不|干脆|还是|你就|你?(?:换|改|用|装|加|删|重启|升级|降级|试|别|把))"
+    r"|^(?:那就|你先|先|我们|咱们|大家|要不|干脆|还是|你就|你?(?:换|改|用|装|加|删|重|升级|降级|试|别|把|关|开|跑|去|来))"
 )
 _ZH_BA_CLAUSE = re.compile(r"吧(?=[\s，,。.!！~～…]+\S)")
 _ZH_CONFIRM = re.compile(r"(?:是吧|对吧|是不是|对不对|是么|是吗|是嘛|好不好|行不行|可以不)")
@@ -165,10 +167,10 @@ def _zh_score(body: str, core: str, last: str) -> float:
     if _ZH_REQUEST.search(body):
         score = max(score, 5.5)
     if _ZH_BA.search(core):
-        score = max(score, _ba_asks(last, core))
+        score = max(score, _ba_asks(last, re.split(r"[，,。.!！;；]", core)[-1]))
     for m in _ZH_BA_CLAUSE.finditer(body):
         clause = _CLAUSE.split(body[:m.end()])[-1]
-        score = max(score, _ba_asks(clause, body[:m.end()]))
+        score = max(score, _ba_asks(clause, re.split(r"[，,。.!！;；]", body[:m.end()])[-1]))
     if score < 5 and re.search(r"[啊呀哇嘞]$", core):
         score = max(score, 3.0)  # "shape 对不上啊", "nvidia进不去啊": often a question, often not — the second stage decides
     if unknowing and score > 0 and not _QMARK.search(body) and not _ZH_MA.search(body):
