@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "corefbot.commands.nightly",  # nightly --now (the nightly retraining job)
     "corefbot.commands.eval",  # eval (resolver backends on labelled data)
     "corefbot.commands.config",  # config (every COREFBOT_* setting)
+    "corefbot.commands.questions",  # eval-questions (the question filter on real inquiries / labelled lines)
 ]
 
 

@@ -34,13 +34,14 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 from corefbot.models.serve.types import Resolution
 from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, build_prompt, chatml_prefix
 from corefbot.pipeline.records import Decision, Turn
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # One line, bounded: the rewrite is a single self-contained question. A trailing newline is allowed
 # so the model can end the line itself; generation stops there.
@@ -65,7 +66,7 @@ class _Abandoned(Exception):
 
 @dataclass(eq=False)
 class _Job:
-    kind: Literal["resolve", "observe"]
+    kind: Literal["resolve", "observe", "call"]
     group: str | None
     window: tuple[Turn, ...]
     question: Turn | None = None
@@ -75,6 +76,7 @@ class _Job:
     deadline: float = math.inf
     cancelled: bool = False
     future: Future = field(default_factory=Future)
+    fn: "Callable[[_Job], Any] | None" = None  # kind "call": run on the worker thread (see LlamaBackend.call)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +193,28 @@ class LlamaBackend:
         return Resolution(res.decision, res.probs, res.rewrite, backend=self.name,
                           latency_ms=(time.perf_counter() - start) * 1000)
 
+    def call(self, fn: "Callable[[_Job], T]", *, timeout_s: float | None = None) -> T:
+        """Run ``fn(job)`` on the model's thread, queued with the questions (same ``max_queue``, same
+        :class:`BackendBusy`, pre-empting prefills): another task on the one loaded model, such as the
+        question filter's second stage (:mod:`models.question_llm`). ``fn`` may use the backend's KV
+        helpers (``_reuse``, ``_decode``, ``_save``); ``_decode(tokens, job)`` honours the deadline."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        job = _Job("call", None, (), submitted=time.perf_counter(), deadline=time.monotonic() + timeout_s, fn=fn)
+        with self._cv:
+            if self._closing:
+                raise RuntimeError(f"llama-cpp backend for {self.model_path} is closed")
+            if len(self._resolves) >= self.max_queue:
+                raise BackendBusy(f"llama-cpp backend ({self.model_path.name}) is busy: "
+                                  f"{len(self._resolves)} requests already queued (max_queue={self.max_queue})")
+            self._resolves.append(job)
+            self._cv.notify()
+        try:
+            return job.future.result(timeout=timeout_s)
+        except FutureTimeout:
+            job.cancelled = True
+            raise TimeoutError(f"llama-cpp backend ({self.model_path.name}) did not run the task within "
+                               f"{timeout_s:g} s") from None
+
     def observe(self, group: str, window: Sequence[Turn]) -> None:
         """Queue a background prefill of ``group``'s prompt prefix for ``window``: the window the
         group's *next* question will be asked with (the latest messages, including the one that just
@@ -256,19 +280,19 @@ class LlamaBackend:
                     _, job = self._observes.popitem(last=False)
                 self._job = job
             try:
-                if job.kind == "resolve":
+                if job.kind != "observe":
                     if job.cancelled or time.monotonic() > job.deadline:
                         raise _Abandoned
-                    job.future.set_result(self._resolve(job))
+                    job.future.set_result(self._resolve(job) if job.kind == "resolve" else job.fn(job))
                 else:
                     self._observe(job)
             except _Abandoned:
-                if job.kind == "resolve" and not job.future.done():
+                if job.kind != "observe" and not job.future.done():
                     job.future.set_exception(TimeoutError("abandoned"))
                 elif job.kind == "observe":
                     self._requeue_observe(job)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
-                if job.kind == "resolve":
+                if job.kind != "observe":
                     job.future.set_exception(exc)
                 else:
                     log.exception("prefill for group %s failed", job.group)
@@ -285,7 +309,7 @@ class LlamaBackend:
                 self._observes.move_to_end(job.group, last=False)
 
     def _check(self, job: _Job) -> None:
-        if job.kind == "resolve":
+        if job.kind != "observe":
             if job.cancelled or time.monotonic() > job.deadline:
                 raise _Abandoned
         elif self._resolves:  # a question is waiting: it goes first

@@ -101,6 +101,16 @@ class ResolverSettings(BaseModel):
     corefbot_resolve_backlog: int = Field(
         16, description="unaddressed questions waiting for the model beyond this are skipped")
 
+    # -- the question filter's second stage (corefbot.models.serve.question_llm) --
+    corefbot_question_llm: Literal["off", "local", "http"] = Field(
+        "off", description="re-score borderline messages with a model: `local` (the resolver's GGUF, in its "
+                           "bounded queue), `http` (an OpenAI-compatible endpoint) or `off`")
+    corefbot_question_band: str = Field(
+        "3-5", description="rule scores `LOW-HIGH` (low inclusive, high exclusive) that the second stage re-scores")
+    corefbot_question_llm_url: str | None = Field(None, description="OpenAI-compatible base URL for `http`")
+    corefbot_question_llm_model: str = Field("default", description="model name sent to that endpoint")
+    corefbot_question_llm_key: str | None = Field(None, description="bearer key for that endpoint")
+
     # -- the upstream assistant --
     corefbot_assistant_url: str | None = Field(
         None, description="the group's assistant; unset: resolve and record, forward nothing")
@@ -135,6 +145,14 @@ class ResolverSettings(BaseModel):
     corefbot_outbox_keep_days: float = Field(
         30.0, description="delivered, failed and expired outbox items are deleted this long after they finished "
                           "(checked hourly); `0` keeps them")
+
+    @field_validator("corefbot_question_band")
+    @classmethod
+    def _band(cls, value: str) -> str:
+        from corefbot.models.serve.question_llm import parse_band
+
+        parse_band(value)  # raises with the value in the message
+        return value
 
 
 class LabelsSettings(CommonConfig):

@@ -6,6 +6,7 @@ import asyncio
 import nonebot
 from nonebot import get_driver, get_plugin_config, logger
 
+from corefbot.models.serve.question_llm import parse_band
 from corefbot.plugins.chatlog import get_recorder
 from corefbot.plugins.chatlog.capture import platform_of
 from corefbot.plugins.chatlog.handlers import config as chatlog_config
@@ -69,7 +70,10 @@ def options(cfg: Config) -> ServiceOptions:
         rate=RateLimiter(cfg.corefbot_rate_limit, cfg.corefbot_rate_period_s),
         retry=RetryPolicy(cfg.corefbot_retry_base_s, cfg.corefbot_retry_max_s, cfg.corefbot_max_attempts,
                           cfg.corefbot_outbox_max_age_s),
-        keep_finished_s=cfg.corefbot_outbox_keep_days * 86400)
+        keep_finished_s=cfg.corefbot_outbox_keep_days * 86400,
+        question_llm=cfg.corefbot_question_llm, question_band=parse_band(cfg.corefbot_question_band),
+        question_threshold=chatlog_config.corefbot_question_threshold, question_llm_url=cfg.corefbot_question_llm_url,
+        question_llm_model=cfg.corefbot_question_llm_model, question_llm_key=cfg.corefbot_question_llm_key)
 
 
 async def post_reply(item: OutboxItem, text: str) -> str | None:

@@ -102,6 +102,14 @@ class ServiceOptions:
     rate: RateLimiter = field(default_factory=lambda: RateLimiter(5, 60.0))
     retry: outbox.RetryPolicy = field(default_factory=outbox.RetryPolicy)
     keep_finished_s: float = 30 * 86400.0  # delivered/failed/expired outbox rows are deleted after this; 0 keeps them
+    # The question filter's second stage: rule scores in question_band are re-scored by a model
+    # ("local": the resolver's llama.cpp model; "http": an OpenAI-compatible endpoint).
+    question_llm: Literal["off", "local", "http"] = "off"
+    question_band: tuple[float, float] = (3.0, 5.0)
+    question_threshold: float = 5.0
+    question_llm_url: str | None = None
+    question_llm_model: str = "default"
+    question_llm_key: str | None = None
 
 
 class ResolverService:
@@ -129,6 +137,7 @@ class ResolverService:
         self._sem = asyncio.Semaphore(max(1, self.options.concurrency))
         self._closing = False
         self.forward_latency_ms: deque[float] = deque(maxlen=10_000)  # question stored → assistant request sent
+        self._second: tuple[int, Any] | None = None  # (id of the backend it runs on, models.question_llm.SecondStage)
 
     # ---- hooks for other plugins ---------------------------------------------------------------
 
@@ -185,6 +194,9 @@ class ResolverService:
         if self.assistant is None:
             log.warning("COREFBOT_ASSISTANT_URL is not set: questions are resolved and recorded, nothing is forwarded")
         self._worker = asyncio.create_task(self._run_outbox(), name="corefbot-outbox")
+        if self.options.question_llm != "off":  # build (and warm) the second stage before the first borderline line
+            resolver = self._resolver
+            self._worker_thread.submit(BACKGROUND, lambda: self._stage_for(resolver))
 
     async def stop(self) -> None:
         self._closing = True
@@ -236,7 +248,7 @@ class ResolverService:
         if merged.id in self._handling:
             self._recheck[merged.id] = update  # looked at again once the current look is over
             return
-        if merged.from_self or not merged.is_question:
+        if merged.from_self or not (merged.is_question or self._may_ask(merged)):
             # Keep the backend's per-group state warm for the group's next question.
             self._observe(group_key, [*window, turn(merged)])
             return
@@ -264,6 +276,10 @@ class ResolverService:
 
         queued, decided, reply_to_bot = await self._db(state)
         mentioned = bool(bots & set(merged.mentions))
+        # Put to the bot (@-mention, reply): handled whatever its question score; anything else must be a
+        # question, by the rules or by the second stage.
+        if not (merged.is_question or mentioned or reply_to_bot or await self._second_stage(merged)):
+            return
         addressed = self.options.reply_mode == "all" or mentioned or reply_to_bot
         if queued or (decided and not addressed) or (not addressed and not self.options.resolve_all):
             return
@@ -304,7 +320,7 @@ class ResolverService:
             self._wake.set()
             log.info("question %s queued for the assistant as %r (%s, p=%.2f)", merged.id, query,
                      resolution.decision, resolution.probs.get(resolution.decision, 0.0))
-        for listener in list(self._listeners):
+        for listener in list(self._listeners) if merged.is_question else ():  # labels keep using the filter
             try:
                 await listener(update, resolution)
             except Exception:  # noqa: BLE001 - one listener's bug must not stop the others
@@ -327,6 +343,69 @@ class ResolverService:
             async with self._released:
                 self._in_use[id(resolver)] -= 1
                 self._released.notify_all()
+
+    def _may_ask(self, merged: Merged) -> bool:
+        """Worth a closer look though the filter did not pass it: it may be put to the bot (checked in
+        ``_look``), or its rule score is in the second stage's band."""
+        opts = self.options
+        return (bool(merged.reply_to) or bool(self._bot_ids() & set(merged.mentions))
+                or (opts.question_llm != "off" and opts.question_band[0] <= merged.question_score < opts.question_band[1]))
+
+    async def _second_stage(self, merged: Merged) -> bool:
+        """Re-score a borderline run with the model; True (and the run marked a question) when it passes.
+        A busy queue, a late or failing model, or no model: the rule score stands."""
+        opts = self.options
+        if opts.question_llm == "off" or not opts.question_band[0] <= merged.question_score < opts.question_band[1]:
+            return False
+        if self._worker_thread.pending(BACKGROUND) >= opts.max_background:
+            return False  # the same bound as unaddressed questions: the rules decide when the model is busy
+        resolver, rule = self.resolver, merged.question_score
+        self._in_use[id(resolver)] += 1
+
+        def run() -> Any:
+            stage = self._stage_for(resolver)
+            return None if stage is None else stage.score(merged.text, rule)
+
+        try:
+            result = await asyncio.wrap_future(self._worker_thread.submit(BACKGROUND, run))
+        finally:
+            async with self._released:
+                self._in_use[id(resolver)] -= 1
+                self._released.notify_all()
+        if result is None or not result.used or result.score < opts.question_threshold:
+            return False
+        merged.question_score, merged.is_question = result.score, True
+
+        def mark(store: "Store") -> None:
+            with store.db.conn:
+                store.db.conn.execute("UPDATE merged SET question_score = ?, is_question = 1 WHERE id = ?",
+                                      (result.score, merged.id))
+
+        await self._db(mark)
+        log.info("second stage: %s scored %.1f (rules %.1f) in %.0f ms", merged.id, result.score, rule, result.ms)
+        return True
+
+    def _stage_for(self, resolver: "Resolver") -> Any:
+        """The second stage bound to ``resolver``'s backend (rebuilt after a model swap); None if unusable.
+        Runs on the worker thread: a local scorer evaluates its instruction prefix once, here."""
+        from corefbot.models.serve.question_llm import SecondStage, make_scorer
+
+        key = id(resolver.backend)
+        if self._second is None or self._second[0] != key:
+            opts = self.options
+            try:
+                scorer = make_scorer(opts.question_llm, backend=resolver.backend, url=opts.question_llm_url,
+                                     model=opts.question_llm_model, api_key=opts.question_llm_key)
+            except ValueError as exc:
+                log.error("question second stage disabled: %s", exc)
+                scorer = None
+            if hasattr(scorer, "warm"):
+                try:
+                    scorer.warm()
+                except Exception as exc:  # noqa: BLE001 - a busy model warms on its first line instead
+                    log.warning("question second stage: warming the local model failed (%s)", exc)
+            self._second = (key, SecondStage(scorer, *opts.question_band) if scorer is not None else None)
+        return self._second[1]
 
     def _observe(self, group_key: str, turns: list[Turn]) -> None:
         if self._closing:
