@@ -15,4 +15,9 @@ class Config(BaseModel):
     corefbot_min_chars: int = 7  # shorter texts are never questions (paper's labelling rule)
     corefbot_record_self: bool = True  # also record the bot's own messages
     corefbot_queue_size: int = 10_000  # messages waiting for the writer before capture sheds load
+    # Derived copies of a message (its run, the decision, the outbox row) keep at most this many characters,
+    # with a marker saying how much was cut; the raw message row keeps the text whole. 0: no bound.
+    corefbot_max_text_chars: int = 4000
+    # Log lines (NoneBot's own event lines included) are cut to this many characters, with a marker. 0: no bound.
+    corefbot_max_log_chars: int = 2000
     corefbot_timings_file: Path | None = None  # write capture handler timings here at shutdown (benchmarks)

@@ -13,11 +13,13 @@ from nonebot.message import event_preprocessor
 
 from pipeline.question import QuestionFilter
 
+from . import health
 from .capture import from_event, from_sent
 from .config import Config
 from .recorder import Recorder
 
 config = get_plugin_config(Config)
+health.configure(config)
 _recorder: Recorder | None = None
 
 
@@ -41,7 +43,7 @@ async def _start() -> None:
     _recorder = Recorder(
         db_path(), gap_s=config.corefbot_merge_gap_s, window=config.corefbot_window,
         question_filter=QuestionFilter(config.corefbot_question_threshold, config.corefbot_min_chars),
-        queue_size=config.corefbot_queue_size,
+        queue_size=config.corefbot_queue_size, max_text_chars=config.corefbot_max_text_chars,
     )
     _recorder.start()
     logger.info(f"corefbot chatlog recording to {_recorder.db_path}")

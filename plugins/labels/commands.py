@@ -197,10 +197,18 @@ def _traffic_keys(bot: Bot, event: Event, result: object) -> list[str]:
 
 
 async def _bare_answer_rule(bot: Bot, event: Event) -> bool:
-    """A lone a/b/c from a moderator whose review item is on screen (recently)."""
-    if event.get_type() != "message" or not _LETTER.match(event.get_plaintext().strip()):
+    """A lone a/b/c from a moderator whose review item is on screen (recently).
+
+    Runs for every message event, so it decides from the cheapest facts first: no review session at
+    all (the usual case) answers False without reading the message. Events that carry no message
+    (``get_plaintext`` raises for them) are not answers either, and not errors."""
+    if not _sessions or event.get_type() != "message":
         return False
-    if len(event.get_plaintext().strip()) != 1:
+    try:
+        text = event.get_plaintext().strip()
+    except (ValueError, NotImplementedError):
+        return False
+    if len(text) != 1 or not _LETTER.match(text):
         return False  # "a lot of people…" is chat, not an answer: rewrites need the /label form
     key = (platform_of(bot), group_of(event), str(event.get_user_id()))
     session = _sessions.get(key)

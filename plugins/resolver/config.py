@@ -29,7 +29,8 @@ class Config(BaseModel):
     corefbot_assistant_key: str | None = None  # sent as "Authorization: Bearer <key>"
     corefbot_assistant_system: str | None = None  # optional system prompt (openai API)
     corefbot_assistant_timeout_s: float = 60.0  # one request; a late answer counts as a failed attempt
-    corefbot_assistant_history: int = 12  # window turns sent as history (json API)
+    corefbot_assistant_history: int = 12  # window turns (other members' messages) sent as history (json API); 0: none
+    corefbot_max_query_chars: int = 4000  # forwarded query and each history text are cut to this (with a marker); 0: no bound
     corefbot_assistant_concurrency: int = 4  # requests in flight at once
 
     # -- when and how the bot answers --
@@ -42,6 +43,9 @@ class Config(BaseModel):
     # -- the durable outbox --
     corefbot_retry_base_s: float = 2.0  # first retry delay; doubles each attempt
     corefbot_retry_max_s: float = 300.0  # cap on one delay
-    corefbot_max_attempts: int = 8  # assistant attempts before the item is marked failed
+    corefbot_max_attempts: int = 1000  # safety valve only: retrying ends at COREFBOT_OUTBOX_MAX_AGE_S long before
+    # Posted once (quoting the question, @asker) when an item gives up without an answer; "" posts nothing.
+    corefbot_unavailable_reply: str = ("Sorry, the assistant is unavailable right now and could not answer this. "
+                                       "Please ask again later.")
     corefbot_outbox_max_age_s: float = 3600.0  # older undelivered items are marked expired, never sent
     corefbot_outbox_keep_days: float = 30.0  # finished items (delivered/failed/expired) are deleted after this; 0 keeps them

@@ -58,7 +58,8 @@ def options(cfg: Config) -> ServiceOptions:
         rate=RateLimiter(cfg.corefbot_rate_limit, cfg.corefbot_rate_period_s),
         retry=RetryPolicy(cfg.corefbot_retry_base_s, cfg.corefbot_retry_max_s, cfg.corefbot_max_attempts,
                           cfg.corefbot_outbox_max_age_s),
-        keep_finished_s=cfg.corefbot_outbox_keep_days * 86400)
+        keep_finished_s=cfg.corefbot_outbox_keep_days * 86400, max_query_chars=cfg.corefbot_max_query_chars,
+        unavailable_reply=cfg.corefbot_unavailable_reply)
 
 
 async def post_reply(item: OutboxItem, text: str) -> str | None:
