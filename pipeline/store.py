@@ -10,6 +10,7 @@ import hashlib
 import secrets
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -273,19 +274,43 @@ class Store:
             return self.db.conn.total_changes - before
 
     def record_message(self, message: Message, run_of: Callable[[Message], Merged]) -> Merged | None:
-        """Store one captured message and the run it belongs to in ONE transaction: a crash can leave
+        """Store one captured message and the run it belongs to atomically: a crash or an error leaves
         neither or both, never a message that is in no run. ``run_of`` (the concat rule) is called only
-        for a new message; returns the stored run, or None when the message was already stored."""
-        with self.db.conn:
-            cur = self.db.conn.execute(
+        for a new message; returns the stored run, or None when the message was already stored.
+
+        Outside a transaction this commits; inside :meth:`transaction` it is a savepoint of it."""
+        conn = self.db.conn
+        own = not conn.in_transaction
+        conn.execute("SAVEPOINT record_message")
+        try:
+            cur = conn.execute(
                 f"INSERT OR IGNORE INTO messages ({_MESSAGE_COLS}) VALUES ({','.join('?' * 11)})",
                 _message_row(message))
-            if cur.rowcount == 0:
-                return None
-            run = run_of(message)
-            self.db.conn.execute(f"INSERT OR REPLACE INTO merged ({_MERGED_COLS}) VALUES ({','.join('?' * 14)})",
-                                 _merged_row(run))
-            return run
+            run = None
+            if cur.rowcount:
+                run = run_of(message)
+                conn.execute(f"INSERT OR REPLACE INTO merged ({_MERGED_COLS}) VALUES ({','.join('?' * 14)})",
+                             _merged_row(run))
+        except BaseException:
+            conn.execute("ROLLBACK TO record_message")
+            conn.execute("RELEASE record_message")
+            raise
+        conn.execute("RELEASE record_message")  # the outermost savepoint: this commits
+        assert not own or not conn.in_transaction
+        return run
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One transaction around several writes (the writer's batch of queued messages: one commit
+        instead of one per message). Rolled back if the block raises."""
+        conn = self.db.conn
+        conn.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
 
     def orphan_messages(self) -> list[Message]:
         """Messages that belong to no merged run (left by a crash of an older version between its two

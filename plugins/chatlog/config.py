@@ -20,4 +20,8 @@ class Config(BaseModel):
     corefbot_max_text_chars: int = 4000
     # Log lines (NoneBot's own event lines included) are cut to this many characters, with a marker. 0: no bound.
     corefbot_max_log_chars: int = 2000
+    # The OneBot websocket's keep-alive (read by bot/app.py when it starts uvicorn): ping every interval, close
+    # only when no pong came within the timeout, which must outlast any backlog. 0 turns pinging off.
+    corefbot_ws_ping_interval_s: float = 20.0
+    corefbot_ws_ping_timeout_s: float = 600.0
     corefbot_timings_file: Path | None = None  # write capture handler timings here at shutdown (benchmarks)

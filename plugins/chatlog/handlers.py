@@ -9,11 +9,12 @@ from typing import Any
 import nonebot_plugin_localstore as localstore
 from nonebot import get_driver, get_plugin_config, logger
 from nonebot.adapters import Bot, Event
-from nonebot.message import event_preprocessor
+from nonebot.exception import IgnoredException
+from nonebot.message import _event_preprocessors, event_preprocessor
 
 from pipeline.question import QuestionFilter
 
-from . import health
+from . import fastpath, health
 from .capture import from_event, from_sent
 from .config import Config
 from .recorder import Recorder
@@ -72,6 +73,9 @@ async def _record_event(bot: Bot, event: Event) -> None:
     if message is not None:
         _recorder.submit(message)
         _recorder.handler_ms.append((time.perf_counter() - started) * 1000)
+        if fastpath.can_skip(event, len(_event_preprocessors)):
+            fastpath.skipped += 1
+            raise IgnoredException("no matcher can take this chat line")  # recorded above; see fastpath.py
 
 
 @Bot.on_called_api

@@ -23,6 +23,7 @@ from pipeline.labels import (
 )
 from pipeline.records import message_key
 from pipeline.store import Store
+from plugins.chatlog import fastpath
 from plugins.chatlog.capture import group_of, platform_of
 
 from . import runtime
@@ -217,6 +218,8 @@ async def _bare_answer_rule(bot: Bot, event: Event) -> bool:
 
 
 bare_answer = on_message(rule=_bare_answer_rule, priority=5, block=True)
+# Without a moderator's review session on screen no event can be a bare answer: plain chat skips the rule.
+fastpath.register(bare_answer, lambda event: bool(_sessions))
 
 
 @bare_answer.handle()

@@ -92,7 +92,7 @@ async def _start() -> None:
     recorder = get_recorder()
     resolver = await asyncio.to_thread(load_configured_resolver, config)
     await _service.start(resolver)
-    recorder.add_listener(_service.on_update)
+    recorder.add_listener(_service.on_update, wants=_service.wants_update)
     logger.info(f"corefbot resolver: backend {resolver.name}, reply mode {config.corefbot_reply_mode}, "
                 f"assistant {config.corefbot_assistant_url or 'none'} ({config.corefbot_assistant_api})")
 

@@ -219,6 +219,13 @@ class ResolverService:
 
     # ---- questions -------------------------------------------------------------------------------
 
+    def wants_update(self, update: "Update") -> bool:
+        """Cheap pre-check for the recorder: whether :meth:`on_update` would do anything with ``update``
+        (a question, a run being decided, or a backend that prefills per group; rules does not)."""
+        resolver = self._resolver
+        return (update.merged.is_question or update.merged.id in self._handling or resolver is None
+                or resolver.name != "rules")
+
     async def on_update(self, update: "Update") -> None:
         """The chatlog listener: every stored message lands here (on the event loop)."""
         if self._closing:
