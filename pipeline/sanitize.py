@@ -62,6 +62,18 @@ def bounded(text: str, limit: int) -> str:
     return text[:keep] + marker(len(text) - keep)
 
 
+def bounded_middle(text: str, limit: int) -> str:
+    """Like :func:`bounded` but keeps the head and the tail (log lines: a traceback's last line is the
+    one that says what went wrong)."""
+    if limit <= 0 or len(text) <= limit:
+        return text
+    keep = max(limit - len(marker(len(text))) - 1, 0)  # - 1: the space before the tail
+    head, tail = keep - keep // 3, keep // 3
+    if not tail:
+        return bounded(text, limit)
+    return text[:head] + marker(len(text) - head - tail) + " " + text[len(text) - tail:]
+
+
 def is_bounded_copy(text: str) -> bool:
     """Whether ``text`` ends with the marker :func:`bounded` adds."""
     return re.search(r" \[…[\d,]+ characters cut\]$", text) is not None

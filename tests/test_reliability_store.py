@@ -138,6 +138,15 @@ def test_bounded_is_within_the_limit_and_says_how_much_was_cut() -> None:
                 assert f"{n - kept:,} characters cut" in out
 
 
+def test_log_lines_keep_head_and_tail_within_the_limit() -> None:
+    from pipeline.sanitize import bounded_middle
+
+    text = "Traceback (most recent call last):" + "x" * 5000 + "CorruptDatabase: the database is corrupt"
+    out = bounded_middle(text, 200)
+    assert len(out) <= 200 and out.startswith("Traceback") and out.endswith("is corrupt") and "characters cut" in out
+    assert bounded_middle("short", 200) == "short"
+
+
 def _corrupt(db: Path) -> None:
     """Overwrite pages in the middle of the file with garbage, as a failing disk or a torn copy would."""
     data = bytearray(db.read_bytes())

@@ -46,7 +46,11 @@ async def _start() -> None:
         question_filter=QuestionFilter(config.corefbot_question_threshold, config.corefbot_min_chars),
         queue_size=config.corefbot_queue_size, max_text_chars=config.corefbot_max_text_chars,
     )
-    _recorder.start()
+    try:
+        _recorder.start()
+    except RuntimeError as exc:  # a corrupt or unopenable database: say it plainly, then refuse to start
+        logger.critical(str(exc))
+        raise
     logger.info(f"corefbot chatlog recording to {_recorder.db_path}")
 
 

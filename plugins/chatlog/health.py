@@ -19,7 +19,7 @@ from nonebot.matcher import Matcher
 from nonebot.params import CommandArg
 from nonebot.permission import SUPERUSER
 
-from pipeline.sanitize import bounded
+from pipeline.sanitize import bounded_middle
 from pipeline.store import Store
 
 from .capture import group_of
@@ -49,7 +49,7 @@ def install_log_patch(max_chars: int) -> None:
             debug = logger.level("DEBUG")
             record["level"] = type(record["level"])(debug.name, debug.no, debug.icon)  # loguru's record level
         if 0 < max_chars < len(message):
-            record["message"] = bounded(message, max_chars)
+            record["message"] = bounded_middle(message, max_chars)
 
     logger.configure(patcher=patch)
 
