@@ -177,3 +177,68 @@ async def test_a_fresh_database_passes_the_check(tmp_path: Path) -> None:
     assert quick_check(tmp_path / "new" / "b.db") == []
     with pytest.raises(sqlite3.Error):
         sqlite3.connect(f"file:{tmp_path / 'none.db'}?mode=ro", uri=True).execute("SELECT 1")
+
+
+async def test_a_full_queue_sheds_loudly_and_counts(tmp_path: Path, caplog) -> None:
+    import threading
+
+    recorder = await started(tmp_path / "b.db", queue_size=2)
+    gate = threading.Event()
+    blocked = recorder.call(lambda store: gate.wait(10))  # the writer is busy: nothing drains the queue
+    await asyncio.sleep(0.1)
+    with caplog.at_level("ERROR", logger="corefbot.chatlog"):
+        accepted = [recorder.submit(msg(str(i), f"line {i}", t=float(i), sender=str(i))) for i in range(5)]
+    gate.set()
+    await blocked
+    await recorder.flush()
+    recorder.stop()
+    assert accepted == [True, True, False, False, False] and recorder.health().dropped == 3
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 3 and all("NOT recorded" in e for e in errors)
+    from plugins.chatlog.health import health_text
+
+    assert "LOSING MESSAGES" in health_text(recorder, {}, {}, 0.0) and "3 shed" in health_text(recorder, {}, {}, 0.0)
+
+
+def test_the_outbox_retries_until_the_age_limit_not_an_attempt_count(tmp_path: Path) -> None:
+    from plugins.resolver import outbox
+
+    store = Store(tmp_path / "b.db")
+    policy = outbox.RetryPolicy(base_s=2, max_s=300, max_age_s=3600)  # the defaults
+    now = 1_000_000.0
+    item = outbox.enqueue(store, merged_id="m", platform="onebotv11", group="1", self_id="10000", reply_to="5",
+                          asker="7", question="q?", query="q?", history=[], now=now)
+    statuses = []
+    t = now
+    while not statuses or statuses[-1] == "pending":
+        statuses.append(outbox.record_failure(store, item, "unreachable", retryable=True, policy=policy, now=t))
+        t = outbox.get(store, item).next_at
+    row = outbox.get(store, item)
+    store.close()
+    assert len(statuses) > 8 and statuses[-1] == "expired"  # the old limit gave up at 8 attempts (~4.5 min)
+    assert 3600 - 330 <= t - now <= 3600 + 330  # retried for (almost) the whole hour
+    assert "expired" in row.error
+
+
+def test_bare_answer_rule_is_quiet_for_events_without_a_message() -> None:
+    import asyncio as aio
+
+    from plugins.labels import commands
+
+    class NoMessage:
+        def get_type(self) -> str:
+            return "message"
+
+        def get_plaintext(self) -> str:
+            raise ValueError("Event has no message!")
+
+        def get_user_id(self) -> str:
+            return "1"
+
+    saved = dict(commands._sessions)
+    commands._sessions[("onebotv11", "1", "1")] = commands.Session(rng=__import__("random").Random(0))
+    try:
+        assert aio.run(commands._bare_answer_rule(None, NoMessage())) is False  # type: ignore[arg-type]
+    finally:
+        commands._sessions.clear()
+        commands._sessions.update(saved)
