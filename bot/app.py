@@ -21,7 +21,8 @@ def init(**overrides: Any) -> None:
     import os
 
     import nonebot
-    from nonebot.adapters.onebot.v11 import Adapter as OneBotV11
+
+    from bot.adapter import Adapter as OneBotV11  # captures plain chat lines before dispatch (bot/adapter.py)
 
     # Values from .env / the environment win over our defaults; explicit overrides win over both.
     defaults = {k: v for k, v in DEFAULTS.items() if k.upper() not in os.environ and k not in os.environ}

@@ -11,7 +11,8 @@ Safe by construction: an event is skipped only when every message matcher loaded
 cheaply — a command matcher (the event's first text segment does not start with any registered command,
 checked with NoneBot's own command trie) or a matcher registered here with its own cheap pre-check — and
 ours is the only event preprocessor (skipping cancels the others). Any other plugin's matcher turns the
-shortcut off, so its behaviour never changes.
+shortcut off, so its behaviour never changes. The same check lets the adapter (bot/adapter.py) capture a plain
+text line without dispatching it at all (``handlers.capture_without_dispatch``).
 """
 from __future__ import annotations
 
