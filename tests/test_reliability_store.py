@@ -242,3 +242,33 @@ def test_bare_answer_rule_is_quiet_for_events_without_a_message() -> None:
     finally:
         commands._sessions.clear()
         commands._sessions.update(saved)
+
+
+def test_the_matcher_shortcut_only_skips_what_no_loaded_matcher_can_take() -> None:
+    from nonebot import on_message
+    from nonebot.adapters.onebot.v11 import Message as V11Message, MessageSegment
+
+    from plugins.chatlog import fastpath
+    from plugins.labels import commands
+    from tests.onebot_events import group_message
+
+    saved = dict(commands._sessions)
+    commands._sessions.clear()
+    try:
+        assert fastpath.can_skip(group_message("哈哈哈 thanks!"), 1)
+        assert not fastpath.can_skip(group_message("/label next"), 1)  # a registered command
+        assert not fastpath.can_skip(group_message("  /forgetme"), 1)
+        assert not fastpath.can_skip(group_message("thanks!"), 2)  # another plugin's preprocessor
+        assert fastpath.can_skip(group_message(V11Message([MessageSegment.image("http://x/y.png")])), 1)
+        commands._sessions[("onebotv11", "1", "1")] = commands.Session(rng=__import__("random").Random(0))
+        assert not fastpath.can_skip(group_message("a"), 1)  # a moderator may be answering a review item
+        commands._sessions.clear()
+        other = on_message()  # any other plugin's matcher: NoneBot decides, as always
+        try:
+            assert not fastpath.can_skip(group_message("哈哈哈 thanks!"), 1)
+        finally:
+            other.destroy()
+        assert fastpath.can_skip(group_message("哈哈哈 thanks!"), 1)
+    finally:
+        commands._sessions.clear()
+        commands._sessions.update(saved)
