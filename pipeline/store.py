@@ -10,6 +10,7 @@ import hashlib
 import secrets
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -150,9 +151,16 @@ def _m8_drop_messages_sender_index(db: sqlite_utils.Database) -> None:
     db.conn.execute("DROP INDEX IF EXISTS idx_messages_platform_sender")
 
 
+def _m9_outbox_notice(db: sqlite_utils.Database) -> None:
+    # An outbox item that gave up tells its asker once: NULL (nothing to tell), due, sending, sent, failed.
+    db["outbox"].add_column("notice", str)
+    db["outbox"].create_index(["notice"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_labels_models, _m3_model_versions_promotion,
                                                         _m4_outbox, _m5_label_prompts_items, _m6_nightly_runs,
-                                                        _m7_decisions_margin_index, _m8_drop_messages_sender_index]
+                                                        _m7_decisions_margin_index, _m8_drop_messages_sender_index,
+                                                        _m9_outbox_notice]
 
 
 def connect(path: str | Path) -> sqlite_utils.Database:
@@ -169,6 +177,23 @@ def connect(path: str | Path) -> sqlite_utils.Database:
     conn.execute("PRAGMA cache_size = -65536")
     migrate(db)
     return db
+
+
+def quick_check(path: str | Path) -> list[str]:
+    """``PRAGMA quick_check`` of an existing database file: [] when sound, else SQLite's complaints
+    (also when the file cannot be read as a database at all). Reads every page once, without
+    checking indexes against tables: seconds for gigabytes."""
+    try:
+        conn = sqlite3.connect(f"file:{Path(path).expanduser()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        return [str(exc)]
+    try:
+        rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(20)")]
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+    finally:
+        conn.close()
+    return [] if rows == ["ok"] else rows
 
 
 def migrate(db: sqlite_utils.Database) -> int:
@@ -247,6 +272,54 @@ class Store:
                 f"INSERT OR IGNORE INTO messages ({_MESSAGE_COLS}) VALUES ({','.join('?' * 11)})", rows
             )
             return self.db.conn.total_changes - before
+
+    def record_message(self, message: Message, run_of: Callable[[Message], Merged]) -> Merged | None:
+        """Store one captured message and the run it belongs to atomically: a crash or an error leaves
+        neither or both, never a message that is in no run. ``run_of`` (the concat rule) is called only
+        for a new message; returns the stored run, or None when the message was already stored.
+
+        Outside a transaction this commits; inside :meth:`transaction` it is a savepoint of it."""
+        conn = self.db.conn
+        own = not conn.in_transaction
+        conn.execute("SAVEPOINT record_message")
+        try:
+            cur = conn.execute(
+                f"INSERT OR IGNORE INTO messages ({_MESSAGE_COLS}) VALUES ({','.join('?' * 11)})",
+                _message_row(message))
+            run = None
+            if cur.rowcount:
+                run = run_of(message)
+                conn.execute(f"INSERT OR REPLACE INTO merged ({_MERGED_COLS}) VALUES ({','.join('?' * 14)})",
+                             _merged_row(run))
+        except BaseException:
+            conn.execute("ROLLBACK TO record_message")
+            conn.execute("RELEASE record_message")
+            raise
+        conn.execute("RELEASE record_message")  # the outermost savepoint: this commits
+        assert not own or not conn.in_transaction
+        return run
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One transaction around several writes (the writer's batch of queued messages: one commit
+        instead of one per message). Rolled back if the block raises."""
+        conn = self.db.conn
+        conn.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
+    def orphan_messages(self) -> list[Message]:
+        """Messages that belong to no merged run (left by a crash of an older version between its two
+        commits, or a half-finished repair), in pipeline order."""
+        rows = self.db.conn.execute(
+            f"SELECT {_MESSAGE_COLS} FROM messages WHERE key NOT IN "
+            "(SELECT j.value FROM merged, json_each(merged.message_ids) AS j) "
+            "ORDER BY platform, group_id, timestamp, rowid").fetchall()
+        return [_message(r) for r in rows]
 
     def iter_messages(self, platform: str | None = None, group: str | None = None) -> Iterator[Message]:
         """Messages in pipeline order: by platform, group, then time (ties by arrival)."""

@@ -251,8 +251,10 @@ async def test_bad_json_is_retried_then_failed_with_the_reason(tmp_path: Path) -
         await h.exchange()
         row = await h.wait_status("failed")
         await asyncio.sleep(0.2)
-    assert row["attempts"] == 3 and "invalid JSON" in row["error"] and h.posted == [] and row["history"] is None
+    assert row["attempts"] == 3 and "invalid JSON" in row["error"] and row["history"] is None
     assert len(assistant.requests) == 3
+    # No answer was posted; the asker got the one short "assistant unavailable" notice instead.
+    assert [text for _, text in h.posted] == [h.service.options.unavailable_reply] and row["notice"] == "sent"
 
 
 async def test_client_error_fails_at_once(tmp_path: Path) -> None:
@@ -270,7 +272,8 @@ async def test_items_past_max_age_expire_unsent(tmp_path: Path) -> None:
         row = await h.wait_status("expired", timeout=5)
         async with assistant:
             await asyncio.sleep(0.3)
-    assert "expired" in row["error"] and assistant.requests == [] and h.posted == []
+    assert "expired" in row["error"] and assistant.requests == []
+    assert [text for _, text in h.posted] == [h.service.options.unavailable_reply]  # the notice, once
 
 
 async def test_no_assistant_still_resolves_and_records(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from nonebot.plugin import PluginMetadata
 require("nonebot_plugin_localstore")
 
 from .config import Config  # noqa: E402
+from . import health  # noqa: E402,F401  (/corefbot health; bounded log lines)
 from .handlers import get_recorder  # noqa: E402
 from .recorder import Recorder, Update  # noqa: E402
 

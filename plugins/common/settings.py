@@ -77,6 +77,16 @@ class ChatlogSettings(CommonConfig):
     corefbot_record_self: bool = Field(True, description="record the bot's own messages")
     corefbot_queue_size: int = Field(
         10_000, description="messages waiting for the writer before capture sheds load (logged)")
+    corefbot_max_text_chars: int = Field(
+        4000, description="derived copies of a message (its run, the decision, the outbox row) keep at most this many "
+                          "characters, with a marker saying how much was cut; the raw message row keeps the text whole; `0`: no bound")
+    corefbot_max_log_chars: int = Field(
+        2000, description="log lines (NoneBot's own event lines included) are cut to this many characters, head and "
+                          "tail kept; `0`: no bound")
+    corefbot_ws_ping_interval_s: float = Field(
+        20.0, description="the OneBot websocket's keep-alive ping interval; `0` turns pinging off")
+    corefbot_ws_ping_timeout_s: float = Field(
+        600.0, description="close the websocket only when no pong came within this long: it must outlast any backlog")
     corefbot_timings_file: Path | None = Field(
         None, description="write capture-handler timings here at shutdown (benchmarks)")
 
@@ -122,7 +132,10 @@ class ResolverSettings(BaseModel):
     corefbot_assistant_system: str | None = Field(None, description="system prompt (`openai` API)")
     corefbot_assistant_timeout_s: float = Field(60.0, description="one request; a late answer counts as a failed attempt")
     corefbot_assistant_history: int = Field(
-        12, description="window turns sent as `history` (`json` API; senders renamed A, B, …)")
+        12, description="window turns (other members' messages) sent as `history` (`json` API; senders renamed "
+                        "A, B, …); `0`: none")
+    corefbot_max_query_chars: int = Field(
+        4000, description="the forwarded query and each history text are cut to this, with a marker; `0`: no bound")
     corefbot_assistant_concurrency: int = Field(4, description="requests in flight at once")
 
     # -- when and how the bot answers --
@@ -138,10 +151,18 @@ class ResolverSettings(BaseModel):
     corefbot_rate_period_s: float = Field(60.0, description="the rate limit's period")
 
     # -- the durable outbox --
-    corefbot_retry_base_s: float = Field(2.0, description="first retry delay for the assistant; doubles each attempt (with jitter)")
+    corefbot_retry_base_s: float = Field(2.0, description="first retry delay for the assistant; doubles each attempt (with jitter); "
+                                                 "retrying goes on until the item's age limit")
     corefbot_retry_max_s: float = Field(300.0, description="cap on one retry delay")
-    corefbot_max_attempts: int = Field(8, description="assistant attempts before an item is marked failed")
-    corefbot_outbox_max_age_s: float = Field(3600.0, description="undelivered items older than this expire and are never sent")
+    corefbot_max_attempts: int = Field(
+        1000, description="safety valve only: retrying ends at `COREFBOT_OUTBOX_MAX_AGE_S` long before this many attempts")
+    corefbot_outbox_max_age_s: float = Field(
+        3600.0, description="undelivered items older than this expire and are never sent; a question that gets no "
+                            "answer (expired, or a permanent error) earns its asker one short reply")
+    corefbot_unavailable_reply: str = Field(
+        "Sorry, the assistant is unavailable right now and could not answer this. Please ask again later.",
+        description="posted once (quoting the question, @-mentioning the asker) when an item gives up without an "
+                    "answer; empty: nothing is posted")
     corefbot_outbox_keep_days: float = Field(
         30.0, description="delivered, failed and expired outbox items are deleted this long after they finished "
                           "(checked hourly); `0` keeps them")

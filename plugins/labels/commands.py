@@ -22,6 +22,7 @@ from corefbot.pipeline.labels.rows import item_id, labels_of, merged_of_item, se
 from corefbot.pipeline.labels.stats import label_stats
 from corefbot.pipeline.labels.undo import UndoConflict, undo_last
 from corefbot.pipeline.store import Store
+from corefbot.plugins.chatlog import fastpath
 from corefbot.plugins.chatlog.capture import group_of, platform_of
 
 from corefbot.plugins.common.database import db, purge
@@ -179,10 +180,18 @@ async def _reply(matcher: Matcher, bot: Bot, event: Event, text: str, started: f
 
 
 async def _bare_answer_rule(bot: Bot, event: Event) -> bool:
-    """A lone a/b/c from a moderator whose review item is on screen (recently)."""
-    if event.get_type() != "message" or not _LETTER.match(event.get_plaintext().strip()):
+    """A lone a/b/c from a moderator whose review item is on screen (recently).
+
+    Runs for every message event, so it decides from the cheapest facts first: no review session at
+    all (the usual case) answers False without reading the message. Events that carry no message
+    (``get_plaintext`` raises for them) are not answers either, and not errors."""
+    if not _sessions or event.get_type() != "message":
         return False
-    if len(event.get_plaintext().strip()) != 1:
+    try:
+        text = event.get_plaintext().strip()
+    except (ValueError, NotImplementedError):
+        return False
+    if len(text) != 1 or not _LETTER.match(text):
         return False  # "a lot of people…" is chat, not an answer: rewrites need the /label form
     key = (platform_of(bot), group_of(event), str(event.get_user_id()))
     session = _sessions.get(key)
@@ -191,6 +200,8 @@ async def _bare_answer_rule(bot: Bot, event: Event) -> bool:
 
 
 bare_answer = on_message(rule=_bare_answer_rule, priority=5, block=True)
+# Without a moderator's review session on screen no event can be a bare answer: plain chat skips the rule.
+fastpath.register(bare_answer, lambda event: bool(_sessions))
 
 
 @bare_answer.handle()

@@ -74,6 +74,11 @@ async def on_resolution(update: Update, resolution: "Resolution") -> None:
         await purge([message_key(merged.platform, merged.group, mid)])
 
 
+def wants_message(update: Update) -> bool:
+    """Only a member's 1/2/3 can answer a prompt: other chat lines need no task on the event loop."""
+    return not update.message.from_self and parse_answer(update.message.text) is not None
+
+
 async def on_message_stored(update: Update) -> None:
     """The chatlog listener: a 1/2/3 from a prompted author becomes their member label."""
     message = update.message
@@ -93,7 +98,7 @@ driver = get_driver()
 
 @driver.on_startup
 async def _start() -> None:
-    get_recorder().add_listener(on_message_stored)
+    get_recorder().add_listener(on_message_stored, wants=wants_message)
     try:
         from corefbot.plugins.resolver import get_service
     except ImportError:

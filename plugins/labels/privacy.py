@@ -4,8 +4,9 @@ from __future__ import annotations
 import time
 
 from nonebot import on_command
-from nonebot.adapters import Bot, Event
+from nonebot.adapters import Bot, Event, Message
 from nonebot.matcher import Matcher
+from nonebot.params import CommandArg
 
 from corefbot.pipeline.labels.forget import forget_member
 from corefbot.pipeline.labels.prompts import close_prompts_of
@@ -21,9 +22,24 @@ optin = on_command("optin", priority=5, block=True, force_whitespace=True)
 forgetme = on_command("forgetme", priority=5, block=True, force_whitespace=True)
 
 
+def _refusal(command: str, arg: Message) -> str | None:
+    """These commands act on the sender only. An argument (``/forgetme @someone``) used to be ignored and
+    the sender's own history deleted; now nothing is done and the member is told why."""
+    if not arg.extract_plain_text().strip() and not any(not seg.is_text() for seg in arg):
+        return None
+    return (f"/{command} only acts on your own messages and takes no name or argument; nothing was done. "
+            f"Send /{command} alone to apply it to yourself. Nobody can {_WHAT[command]} for someone else.")
+
+
+_WHAT = {"optout": "stop recording", "optin": "resume recording", "forgetme": "delete messages"}
+
+
 @optout.handle()
-async def _optout(bot: Bot, event: Event, matcher: Matcher) -> None:
+async def _optout(bot: Bot, event: Event, matcher: Matcher, arg: Message = CommandArg()) -> None:
     started = time.perf_counter()
+    if refusal := _refusal("optout", arg):
+        await _reply(matcher, bot, event, refusal, started)
+        return
     platform, user = platform_of(bot), str(event.get_user_id())
 
     def work(store: Store) -> None:
@@ -36,16 +52,22 @@ async def _optout(bot: Bot, event: Event, matcher: Matcher) -> None:
 
 
 @optin.handle()
-async def _optin(bot: Bot, event: Event, matcher: Matcher) -> None:
+async def _optin(bot: Bot, event: Event, matcher: Matcher, arg: Message = CommandArg()) -> None:
     started = time.perf_counter()
+    if refusal := _refusal("optin", arg):
+        await _reply(matcher, bot, event, refusal, started)
+        return
     platform, user = platform_of(bot), str(event.get_user_id())
     await db(lambda store: store.opt_in(platform, user))
     await _reply(matcher, bot, event, "OK: your messages are recorded again.", started)
 
 
 @forgetme.handle()
-async def _forgetme(bot: Bot, event: Event, matcher: Matcher) -> None:
+async def _forgetme(bot: Bot, event: Event, matcher: Matcher, arg: Message = CommandArg()) -> None:
     started = time.perf_counter()
+    if refusal := _refusal("forgetme", arg):
+        await _reply(matcher, bot, event, refusal, started)
+        return
     platform, user = platform_of(bot), str(event.get_user_id())
 
     def work(store: Store):

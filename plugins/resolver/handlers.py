@@ -73,7 +73,8 @@ def options(cfg: Config) -> ServiceOptions:
         keep_finished_s=cfg.corefbot_outbox_keep_days * 86400,
         question_llm=cfg.corefbot_question_llm, question_band=parse_band(cfg.corefbot_question_band),
         question_threshold=chatlog_config.corefbot_question_threshold, question_llm_url=cfg.corefbot_question_llm_url,
-        question_llm_model=cfg.corefbot_question_llm_model, question_llm_key=cfg.corefbot_question_llm_key)
+        question_llm_model=cfg.corefbot_question_llm_model, question_llm_key=cfg.corefbot_question_llm_key,
+        max_query_chars=cfg.corefbot_max_query_chars, unavailable_reply=cfg.corefbot_unavailable_reply)
 
 
 async def post_reply(item: OutboxItem, text: str) -> str | None:
@@ -107,7 +108,7 @@ async def _start() -> None:
     recorder = get_recorder()
     resolver = await asyncio.to_thread(load_configured_resolver, config)
     await _service.start(resolver)
-    recorder.add_listener(_service.on_update)
+    recorder.add_listener(_service.on_update, wants=_service.wants_update)
     logger.info(f"corefbot resolver: backend {resolver.name}, reply mode {config.corefbot_reply_mode}, "
                 f"assistant {config.corefbot_assistant_url or 'none'} ({config.corefbot_assistant_api})")
 

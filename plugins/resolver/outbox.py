@@ -5,8 +5,14 @@ Every function here takes the writer thread's :class:`Store` (call them through
 
     pending ──ask ok──▶ answered ──claim──▶ replying ──posted──▶ delivered
        │  ╰─ask failed (retryable)─▶ pending, attempts+1, next_at = now + backoff
-       ├─ask failed (permanent, or max attempts)─▶ failed
+       ├─ask failed (permanent, or the attempt cap — a safety valve far beyond the age limit)─▶ failed
        ╰─older than max age (pending or answered)─▶ expired
+
+Retrying is bounded by the item's age (``COREFBOT_OUTBOX_MAX_AGE_S``), not by a count of attempts: an
+assistant outage of minutes must not lose the questions asked meanwhile. An item that gives up without
+an answer (failed while asking, or expired while pending) owes its asker one short notice that the
+assistant is unavailable (column ``notice``: due ──claim──▶ sending ──▶ sent | failed; a notice found
+in ``sending`` at start-up is marked failed, never posted twice).
 
 Delivered, failed and expired rows are deleted once the keep period has passed (:func:`purge_finished`).
 
@@ -37,7 +43,7 @@ _COLS = ("id, merged_id, platform, group_id, self_id, reply_to, asker, question,
 class RetryPolicy:
     base_s: float = 2.0
     max_s: float = 300.0
-    max_attempts: int = 8
+    max_attempts: int = 1000  # a safety valve only: the age limit ends retrying long before
     max_age_s: float = 3600.0
 
     def delay(self, attempts: int) -> float:
@@ -107,6 +113,7 @@ def expire_old(store: Store, max_age_s: float, now: float | None = None) -> int:
     with store.db.conn:
         cur = store.db.conn.execute(
             "UPDATE outbox SET status = 'expired', updated_at = ?, history = NULL, "
+            "notice = CASE WHEN status = 'pending' THEN 'due' ELSE notice END, "
             "error = coalesce(error || '; ', '') || 'expired after ' || ? || ' s undelivered' "
             "WHERE status IN ('pending', 'answered') AND created_at < ?",
             (now, int(max_age_s), now - max_age_s),
@@ -160,8 +167,9 @@ def record_failure(store: Store, item_id: int, error: str, *, retryable: bool, p
     with store.db.conn:
         store.db.conn.execute(
             "UPDATE outbox SET status = ?, attempts = ?, next_at = ?, error = ?, updated_at = ?, "
-            "history = CASE WHEN ? = 'pending' THEN history END "
-            "WHERE id = ? AND status = 'pending'", (status, attempts, next_at, error, now, status, item_id))
+            "history = CASE WHEN ? = 'pending' THEN history END, "
+            "notice = CASE WHEN ? = 'pending' THEN notice ELSE 'due' END "
+            "WHERE id = ? AND status = 'pending'", (status, attempts, next_at, error, now, status, status, item_id))
     return status
 
 
@@ -209,14 +217,41 @@ def record_reply_failed(store: Store, item_id: int, error: str) -> None:
 
 
 def recover(store: Store) -> int:
-    """At start-up: items left in ``replying`` by a crash are failed, never re-posted. Returns how many."""
+    """At start-up: items left in ``replying`` by a crash are failed, never re-posted; so are notices left
+    in ``sending``. Returns how many replies were interrupted."""
     with store.db.conn:
         cur = store.db.conn.execute(
             "UPDATE outbox SET status = 'failed', updated_at = ?, "
             "error = 'interrupted while posting the reply; not re-sent (it may already be in the group)' "
             "WHERE status = 'replying'", (time.time(),))
+        store.db.conn.execute("UPDATE outbox SET notice = 'failed' WHERE notice = 'sending'")
         return cur.rowcount
+
+
+def notices_due(store: Store, limit: int = 32) -> list[OutboxItem]:
+    """Items that gave up without an answer and have not told their asker yet, oldest first."""
+    rows = store.db.conn.execute(f"SELECT {_COLS} FROM outbox WHERE notice = 'due' ORDER BY id LIMIT ?",
+                                 (limit,)).fetchall()
+    return [_item(r) for r in rows]
+
+
+def claim_notice(store: Store, item_id: int) -> bool:
+    """due → sending, just before the notice is posted: only one poster can win."""
+    with store.db.conn:
+        return store.db.conn.execute("UPDATE outbox SET notice = 'sending' WHERE id = ? AND notice = 'due'",
+                                     (item_id,)).rowcount == 1
+
+
+def finish_notice(store: Store, item_id: int, outcome: Literal["sent", "failed", "due"]) -> None:
+    """sending → sent, failed (never retried: it may be in the group), or due again (nothing was sent)."""
+    with store.db.conn:
+        store.db.conn.execute("UPDATE outbox SET notice = ? WHERE id = ? AND notice = 'sending'", (outcome, item_id))
 
 
 def counts(store: Store) -> dict[str, int]:
     return dict(store.db.conn.execute("SELECT status, count(*) FROM outbox GROUP BY status").fetchall())
+
+
+def notice_counts(store: Store) -> dict[str, int]:
+    return dict(store.db.conn.execute(
+        "SELECT notice, count(*) FROM outbox WHERE notice IS NOT NULL GROUP BY notice").fetchall())

@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, TypeVar
 
 from corefbot.pipeline.records import Merged, Turn, message_key
+from corefbot.pipeline.sanitize import bounded
 from corefbot.pipeline.window import turn
 
-from . import outbox
+from . import notice, outbox
 from .forward import AssistantClient, AssistantError
 from .worker import ADDRESSED, BACKGROUND, PriorityWorker
 
@@ -110,6 +111,9 @@ class ServiceOptions:
     question_llm_url: str | None = None
     question_llm_model: str = "default"
     question_llm_key: str | None = None
+    max_query_chars: int = 4000  # a longer forwarded query (and each history text) is cut, with a marker; 0: no bound
+    # Told once to the asker when the outbox gives up on their question; "" tells nothing.
+    unavailable_reply: str = "Sorry, the assistant is unavailable right now and could not answer this. Please ask again later."
 
 
 class ResolverService:
@@ -228,6 +232,14 @@ class ResolverService:
 
     # ---- questions -------------------------------------------------------------------------------
 
+    def wants_update(self, update: "Update") -> bool:
+        """Cheap pre-check for the recorder: whether :meth:`on_update` would do anything with ``update``
+        (a question, a line that may be put to the bot or is in the second stage's band, a run being decided,
+        or a backend that prefills per group; rules does not)."""
+        resolver, merged = self._resolver, update.merged
+        return (merged.is_question or merged.id in self._handling or resolver is None or resolver.name != "rules"
+                or self._may_ask(merged))
+
     async def on_update(self, update: "Update") -> None:
         """The chatlog listener: every stored message lands here (on the event loop)."""
         if self._closing:
@@ -294,7 +306,7 @@ class ResolverService:
                       bots: set[str]) -> None:
         merged = update.merged
         resolution = await self._resolve(window, turn(merged), group_key, ADDRESSED if addressed else BACKGROUND)
-        query = resolution.query(merged.text)
+        query = bounded(resolution.query(merged.text), self.options.max_query_chars)
         forward = addressed and self.assistant is not None
         delay = self.options.rate.reserve((merged.platform, merged.group)) if forward else 0.0
         if delay is None:
@@ -304,7 +316,8 @@ class ResolverService:
         elif delay > 0:
             log.info("rate limit: question %s waits %.0f s for the group's next forward", merged.id, delay)
         self_id = _pick_bot(bots, merged.mentions)
-        history = _history(update.window[-self.options.history:] if self.options.history else [])
+        history = _history(update.window[-self.options.history:] if self.options.history > 0 else [],
+                           self.options.max_query_chars)
         reply_to = update.message.message_id  # the run's latest line: the one that made it a question to the bot
 
         def record(store: "Store") -> int | None:
@@ -312,7 +325,8 @@ class ResolverService:
             if not forward:
                 return None
             return outbox.enqueue(store, merged_id=merged.id, platform=merged.platform, group=merged.group,
-                                  self_id=self_id, reply_to=reply_to, asker=merged.sender, question=merged.text,
+                                  self_id=self_id, reply_to=reply_to, asker=merged.sender,
+                                  question=bounded(merged.text, self.options.max_query_chars),
                                   query=query, history=history, delay_s=delay)
 
         item_id = await self._db(record)
@@ -446,6 +460,11 @@ class ResolverService:
             except Exception:  # noqa: BLE001 - database trouble: log and try again shortly
                 log.exception("outbox: could not read due items")
                 items, later = [], time.time() + 5
+            for item in await notice.due(self._db, self.options.unavailable_reply, self._inflight):
+                self._inflight.add(item.id)
+                task = asyncio.create_task(notice.tell_asker(item, self.options.unavailable_reply, db=self._db,
+                                                             post_reply=self._post_reply, unavailable=BotUnavailable))
+                task.add_done_callback(lambda t, i=item.id: self._inflight.discard(i))
             for item in items:
                 if item.id in self._inflight:
                     continue
@@ -523,13 +542,13 @@ def _record_decision(store: "Store", merged: Merged, res: "Resolution", forwarde
         )
 
 
-def _history(window: list[Merged]) -> list[dict]:
+def _history(window: list[Merged], max_chars: int = 0) -> list[dict]:
     """The window for the json API, senders renamed A, B, C… as in the prompt (no member ids leave)."""
     names: dict[str, str] = {}
     out = []
     for m in window:
         name = names.setdefault(m.sender, "bot" if m.from_self else chr(ord("A") + len(names) % 26))
-        out.append({"sender": name, "text": m.text, "timestamp": m.timestamp})
+        out.append({"sender": name, "text": bounded(m.text, max_chars), "timestamp": m.timestamp})
     return out
 
 
