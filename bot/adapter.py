@@ -1,6 +1,6 @@
 """The OneBot v11 adapter, with plain chat lines captured before NoneBot dispatches them.
 
-Profiled during a burst (py-spy on ``python -m bot``), once matchers were out of the way
+Profiled during a burst (py-spy on ``python -m corefbot``), once matchers were out of the way
 (plugins/chatlog/fastpath.py) NoneBot's dispatch of each event to the capture preprocessor — dependency
 solving inside anyio task groups, then the "ignored" exception — was still ~45% of the bot's CPU. A group
 line made of text alone that no loaded matcher could take gains nothing from that dispatch, so the adapter

@@ -1,6 +1,6 @@
 """Let NoneBot skip its matchers for chat lines no matcher can take (most of a group's traffic).
 
-Profiled during a 1,500-message burst (py-spy on ``python -m bot``), two thirds of the bot's CPU went to
+Profiled during a 1,500-message burst (py-spy on ``python -m corefbot``), two thirds of the bot's CPU went to
 NoneBot checking every matcher against every event: each of the seven ``on_command``/``on_message``
 matchers costs a permission check and a rule check, each solved as a dependency inside its own anyio
 task group, whatever the rule's content — ~14 ms an event here, 58 events/s through the whole bot. A
