@@ -1,5 +1,9 @@
 """``corefbot demo``: start the real bot, play a bilingual sample chat into it over a real OneBot v11
-websocket on loopback, and show what corefbot did with it. No chat account needed."""
+websocket on loopback, and show what corefbot did with it. No chat account needed.
+
+The harness is shared with the end-to-end tests and the benchmarks: :mod:`.peer` (a scripted OneBot v11
+client), :mod:`.process` (the bot as a child process), :mod:`.assistant` (a loopback assistant);
+``chat.jsonl`` is the sample chat."""
 from __future__ import annotations
 
 import asyncio
