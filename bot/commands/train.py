@@ -77,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export_lora)
 
     p = sub.add_parser("scaling-check", help="evaluate a ladder of models: does the metric rise with size?")
-    p.add_argument("--models", nargs="+", required=True, metavar="DIR", help="HF model folders and/or finetune run folders")
+    p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
+                   help="GGUF files (dequantized once, cached), HF model folders and/or finetune run folders")
     p.add_argument("--data", required=True, metavar="FILE", help="unified labelled .jsonl or alpaca export")
     p.add_argument("--report", metavar="OUT.json", help="write the report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="write metric vs parameter count")

@@ -92,6 +92,18 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def _prefill_pays_off(window: Sequence[Turn], newer: "_Job | None") -> bool:
+    """Whether finishing a prefill of ``window`` can still help, given a newer queued prefill of the
+    same group. While the window grows (fewer messages than the cap) the newer prompt extends this one
+    and reuses all of it; once it slides, the oldest line and the senders' letters change, so only the
+    static header (already kept) would be shared."""
+    if newer is None:
+        return True
+    if not window:
+        return True
+    return bool(newer.window) and newer.window[0] == window[0]
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -224,6 +236,7 @@ class LlamaBackend:
         self.last_eval_tokens = 0  # tokens evaluated for the last decision (tests and the bench read it)
         self.last_reused_tokens = 0
         self.last_decision_ms = 0.0  # submission to decision, before any rewrite is generated
+        self.skipped_prefills = 0  # background prefills stopped because a newer window made them useless
 
         self._cv = threading.Condition()
         self._resolves: deque[_Job] = deque()
@@ -359,6 +372,11 @@ class LlamaBackend:
             if job.cancelled or time.monotonic() > job.deadline:
                 raise _Abandoned
         elif self._resolves:  # a question is waiting: it goes first
+            raise _Abandoned
+        elif job.group is not None and not _prefill_pays_off(job.window, self._observes.get(job.group)):
+            # A newer message slid this group's window while its prefill ran: the prefix this prefill
+            # computes is dead before any question can use it, so stop paying for it now.
+            self.skipped_prefills += 1
             raise _Abandoned
 
     # -- llama.cpp work (worker thread only) -------------------------------------------------------
