@@ -50,12 +50,21 @@ def unified_example(row: dict, where: str = "row") -> Example:
     )
 
 
+# Suffixes that mark two versions of one case: REWRITE's negative ("rw7_neg" is rw7's gold rewrite asked
+# as the query) and our cases' pairs ("p000_coref" / "p000_complete"). Both versions are one conversation,
+# or a split could train on the rewrite of a test question.
+_PAIR_SUFFIXES = ("_neg", "_coref", "_complete")
+
+
 def _dialogue_of(row_id: str) -> str:
     # Ids in the shared sets name their dialogue: "d12t3_coref" (TASK), "C_<hash>_0_q4" (CANARD).
     if row_id.startswith("d") and "t" in row_id:
         return row_id.split("t", 1)[0]
     if "_q" in row_id:
         return row_id.rsplit("_q", 1)[0]
+    for suffix in _PAIR_SUFFIXES:
+        if row_id.endswith(suffix):
+            return row_id[: -len(suffix)]
     return row_id
 
 

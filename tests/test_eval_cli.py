@@ -110,3 +110,24 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert "'nope'" in err and "test" in err and "train" in err
     assert main(["eval", "--backend", "llama-cpp", "--model", "", str(ZH)]) == 2
     assert "GGUF" in capsys.readouterr().err
+
+
+def test_eval_applies_no_serving_timeout(tiny_gguf, monkeypatch) -> None:
+    """Under load a slow answer is still an answer: eval builds the model backend without the bot's 30 s limit."""
+    pytest.importorskip("llama_cpp")
+    from corefbot.models.serve.llama import LlamaBackend
+    from corefbot.models.train.eval_resolver import evaluate
+    from corefbot.pipeline.records import Example, Turn
+
+    seen: list[object] = []
+    real = LlamaBackend.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("timeout_s", "serving default"))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaBackend, "__init__", spy)
+    ex = Example(id="x1", conversation="c", window=(Turn("a", "mmpose runs on TX2", 0.0),),
+                 question=Turn("b", "how to deploy it?", 1.0), label="needs", rewrite="how to deploy mmpose?")
+    report = evaluate([ex], "llama-cpp", gate=False, model_path=str(tiny_gguf), progress=False)
+    assert seen == [None] and report["errors"] == 0

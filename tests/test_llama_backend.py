@@ -213,3 +213,13 @@ def test_load_resolver_serves_the_gguf(tiny_gguf: Path):
             assert sum(res.probs.values()) == pytest.approx(1.0)
     finally:
         resolver.close()
+
+
+def test_a_prefill_stops_paying_off_once_a_newer_message_slides_the_window():
+    from corefbot.models.serve.llama import _Job, _prefill_pays_off
+
+    w = [Turn(f"u{i % 3}", f"message {i}", float(i)) for i in range(14)]
+    assert _prefill_pays_off(w[:5], None)  # nothing newer: the next question uses it
+    assert _prefill_pays_off(w[:5], _Job("observe", "g", tuple(w[:6])))  # grows: the newer prompt extends it
+    assert not _prefill_pays_off(w[:12], _Job("observe", "g", tuple(w[1:13])))  # slid: dead before use
+    assert _prefill_pays_off([], _Job("observe", "g", tuple(w[:1])))

@@ -218,3 +218,27 @@ def test_prune_keeps_the_newest_and_what_the_registry_may_serve(tmp_path: Path) 
         assert prune_runs(tmp_path / "nightly", store, keep=2) == []
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_nightly_from_a_gguf_base_serves_the_adapter(tmp_path: Path, tiny_gguf: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """COREFBOT_BASE_MODEL may be the GGUF the bot serves: the job trains from its cached float copy and
+    promotes the run folder itself (base GGUF + adapter.gguf), leaving the base GGUF untouched."""
+    from corefbot.models.serve.llama import LlamaBackend, served_model
+    from corefbot.pipeline.records import Turn
+
+    monkeypatch.setenv("COREFBOT_CACHE_DIR", str(tmp_path / "cache"))
+    db = labelled_db(tmp_path / "corefbot.db", 60)
+    before = sha(tiny_gguf)
+    report = run_nightly(db, NightlyConfig(base_model=tiny_gguf, preset="tiny", finetune_overrides=QUICK,
+                                           min_agreement=0.0, agreement_examples=8, min_new_labels=10,
+                                           margin=-1.0))
+    assert report.status == "promoted", report.error
+    serving = read(db, registry.serving)
+    assert serving.quant == "lora" and Path(serving.gguf_path) == Path(report.run_dir).resolve()
+    served = served_model(serving.gguf_path)
+    assert served.route == "adapter" and served.gguf == tiny_gguf.resolve() and served.lora.is_file()
+    assert sha(tiny_gguf) == before
+    with LlamaBackend(serving.gguf_path, n_threads=2) as backend:
+        assert backend.resolve([Turn("a", "mmpose 好用吗", 0.0)], Turn("b", "它支持 TX2 吗？", 1.0)).decision

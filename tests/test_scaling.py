@@ -80,3 +80,9 @@ def test_real_two_model_ladder(tiny_hf: Path, tmp_path: Path) -> None:
     assert plot(report, tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads(json.dumps(report.to_dict()))
     assert data["rows"][0]["precision"]["mean"] == pytest.approx(values[0])
+
+
+def test_a_gguf_counts_the_parameters_of_the_model_it_holds(tiny_hf, tiny_gguf) -> None:
+    from corefbot.models.train.scaling import count_parameters
+
+    assert count_parameters(tiny_gguf) == count_parameters(tiny_hf) > 0

@@ -73,7 +73,7 @@ WINDOW = 11
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="PATH.gguf", help="the GGUF to serve")
+    p.add_argument("--model", required=True, metavar="MODEL", help="the GGUF to serve, or a finetune run folder")
     p.add_argument("--report", metavar="OUT.json", help="write the figures as JSON")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
     p.add_argument("--n", type=int, default=20, help="questions timed per mode (default 20)")
@@ -170,8 +170,12 @@ def _suffix_cost(model: Path, args: argparse.Namespace, prefix_tokens: int,
     length (the prompt's question part includes the static options and instruction after it)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_threads=args.threads,
-                          n_threads_batch=args.threads, verbose=False)
+    from corefbot.models.serve.llama import served_model
+
+    served = served_model(model)  # a run folder: its base GGUF with its adapter, as served
+    llm = llama_cpp.Llama(model_path=str(served.gguf), n_ctx=args.n_ctx, n_threads=args.threads,
+                          n_threads_batch=args.threads, verbose=False,
+                          lora_path=str(served.lora) if served.lora else None, lora_scale=served.lora_scale)
     try:
         text = " ".join(f"{s}: {t}" for s, t in CHAT) * 4
         toks = llm.tokenize(text.encode("utf-8"), add_bos=False)[: prefix_tokens + max(sizes)]
@@ -192,9 +196,10 @@ def _suffix_cost(model: Path, args: argparse.Namespace, prefix_tokens: int,
 
 
 def run(args: argparse.Namespace) -> int:
+    from corefbot.models.serve.llama import served_model
+
     model = Path(args.model)
-    if not model.is_file():
-        raise FileNotFoundError(f"GGUF model not found: {model}")
+    served_model(model)  # a GGUF or a run folder; raises naming what is missing
     if args.n < 1 or args.window < 1 or args.window > len(CHAT):
         raise ValueError(f"--n must be ≥ 1 and --window between 1 and {len(CHAT)}")
     cases = _cases(args.n, args.window)

@@ -16,6 +16,8 @@ BENCHES = {
     "labels": "corefbot.bench.labels",  # bot messages per 1,000 group messages, /label review latency (issue 4)
     "training": "corefbot.bench.training",  # LoRA tokens/s: corefbot.models.train.finetune vs Trainer+peft, peak memory (issue 5)
     "resolver": "corefbot.bench.resolver",  # llama-cpp resolver latency: naive vs per-group prefill, RSS (issue 3)
+    "figures": "corefbot.bench.figures",  # held-out figures of several models side by side (issue 10)
+    "prompt": "corefbot.bench.prompt",  # the served prompt's tokens with a real tokenizer (issue 10)
     "forward": "corefbot.bench.forward",  # resolver plugin: question -> assistant -> reply through the real bot (issue 3)
 }
 

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", metavar="DATA.jsonl", help="unified-format JSONL (../shared/data) or a corefbot alpaca export")
     p.add_argument("--backend", default="rules", choices=["rules", "gate", "pronoun", "llama-cpp", "http"],
                    help="what to evaluate: a served backend, the gate alone, or the pronoun-list baseline (default rules)")
-    p.add_argument("--model", metavar="PATH", help="GGUF for --backend llama-cpp (default COREFBOT_MODEL_PATH)")
+    p.add_argument("--model", metavar="PATH", help="GGUF or finetune run folder for --backend llama-cpp (default COREFBOT_MODEL_PATH)")
     p.add_argument("--url", help="OpenAI-compatible base URL for --backend http (default COREFBOT_RESOLVER_URL)")
     p.add_argument("--http-model", help="model name sent to the http backend (default COREFBOT_RESOLVER_MODEL)")
     p.add_argument("--api-key", help="bearer key for the http backend (default COREFBOT_RESOLVER_KEY)")

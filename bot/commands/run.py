@@ -11,6 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("demo", help="start the bot, play a sample chat over a real OneBot v11 websocket, show the result")
     p.add_argument("--keep", metavar="DIR", help="keep the demo database and bot log in DIR")
+    p.add_argument("--model", metavar="MODEL",
+                   help="serve this GGUF or finetune run folder with llama-cpp (default: COREFBOT_MODEL_PATH, else rules)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -26,4 +28,4 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from corefbot.demo import main
 
-    return main(args.keep, sys.stdout)
+    return main(args.keep, sys.stdout, model=args.model)

@@ -9,13 +9,18 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="LoRA fine-tune a base model on labelled examples; evaluate on the test split")
-    p.add_argument("--base", required=True, metavar="HF_DIR", help="base model folder (Hugging Face format)")
-    p.add_argument("--data", required=True, metavar="FILE", help="corefbot alpaca export (.json) or unified labelled .jsonl")
+    p.add_argument("--base", required=True, metavar="HF_DIR|GGUF",
+                   help="base model: a Hugging Face folder, or a GGUF file (dequantized once, cached)")
+    p.add_argument("--data", required=True, action="append", metavar="FILE",
+                   help="corefbot alpaca export (.json) or unified labelled .jsonl; repeat for several files")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write")
     p.add_argument("--preset", default="paper", help="paper, paper-7b, tiny, or a YAML file (default paper)")
     p.add_argument("--select", choices=["lobass", "ifd"], help="train on the top share by a learnability score")
     p.add_argument("--keep", type=float, default=0.3, help="share kept by --select (default 0.3)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides the preset's epochs)")
+    p.add_argument("--max-minutes", type=float,
+                   help="wall-clock budget for training: stop at a step boundary, still write the run folder")
+    p.add_argument("--sequence-len", dest="sequence_len", type=int, help="drop longer training sequences")
     p.add_argument("--epochs", type=float)
     p.add_argument("--lr", dest="learning_rate", type=float)
     p.add_argument("--lora-r", type=int)
@@ -30,6 +35,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("seed", help="the seed recipe: fine-tune a base on the public labelled sets, print held-out figures")
+    p.add_argument("--base", required=True, metavar="HF_DIR|GGUF", help="base model (a GGUF is dequantized once, cached)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write (seed-data/ and figures.json inside)")
+    p.add_argument("--data-dir", default="../shared/data", metavar="DIR",
+                   help="the public sets (task_gecor, canard_dev, rewrite_zh_train .jsonl; default ../shared/data)")
+    p.add_argument("--max-minutes", type=float, default=60.0, help="training budget in minutes (default 60)")
+    p.add_argument("--preset", default="seed-cpu", help="finetune preset (default seed-cpu)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (a smaller run)")
+    p.add_argument("--per-set", type=int, default=60,
+                   help="held-out examples evaluated per set (a deterministic subset; default 60)")
+    p.add_argument("--no-figures", action="store_true", help="train only; evaluate later with seed-eval")
+    p.add_argument("--device", help="cpu, cuda … (default: cuda when present)")
+    p.set_defaults(func=cmd_seed)
+
+    p = sub.add_parser("seed-eval", help="the seed recipe's held-out figures for any model (run folder, HF folder, GGUF)")
+    p.add_argument("--model", required=True, metavar="MODEL")
+    p.add_argument("--heldout", required=True, metavar="DIR", help="a seed run's seed-data/ folder")
+    p.add_argument("--per-set", type=int, default=60, help="held-out examples per set (default 60)")
+    p.add_argument("--sets", nargs="+", help="only these sets (task, canard, rewrite_zh, cases_en, …)")
+    p.add_argument("--no-rewrites", action="store_true", help="decisions only")
+    p.add_argument("--report", metavar="OUT.json")
+    p.set_defaults(func=cmd_seed_eval)
+
     p = sub.add_parser("export-gguf", help="merge a run's adapter, convert to GGUF, quantize, check, register")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--quant", choices=["q4_k_m", "q8_0"], default="q4_k_m")
@@ -41,8 +69,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--note", default="", help="note stored with the registered version")
     p.set_defaults(func=cmd_export_gguf)
 
+    p = sub.add_parser("export-lora", help="the adapter route: the run's LoRA as a GGUF LoRA for its base GGUF, checked")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained from a GGUF base (train --base X.gguf)")
+    p.add_argument("--max-examples", type=int, default=200,
+                   help="test examples for the HF-vs-llama.cpp agreement check (default 200; 0 = skip)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads")
+    p.set_defaults(func=cmd_export_lora)
+
     p = sub.add_parser("scaling-check", help="evaluate a ladder of models: does the metric rise with size?")
-    p.add_argument("--models", nargs="+", required=True, metavar="DIR", help="HF model folders and/or finetune run folders")
+    p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
+                   help="GGUF files (dequantized once, cached), HF model folders and/or finetune run folders")
     p.add_argument("--data", required=True, metavar="FILE", help="unified labelled .jsonl or alpaca export")
     p.add_argument("--report", metavar="OUT.json", help="write the report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="write metric vs parameter count")
@@ -67,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from corefbot.models.train.run import run
 
     overrides = {k: getattr(args, k) for k in (
-        "max_steps", "epochs", "learning_rate", "lora_r", "loraplus_lr_ratio", "micro_batch_size",
+        "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "loraplus_lr_ratio", "micro_batch_size",
         "gradient_accumulation_steps", "eval_max_examples", "eval_base", "eval_rewrites", "device", "seed")}
     config = load_preset(args.preset, **overrides)
     result = run(args.base, args.data, args.out, config, select=args.select, keep=args.keep)
@@ -77,6 +113,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trained      {tr['steps']} steps, {tr['sequences']} sequences, {tr['tokens']:,} tokens in "
           f"{tr['wall_s']:.1f} s ({tr['tokens_per_s']:,.0f} tokens/s, padding {100 * tr['padding_share']:.1f}%), "
           f"final loss {tr['final_loss']:.3f}, peak memory {tr['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if tr.get("stopped_on_budget"):
+        print(f"budget       stopped after {tr['steps']} of {tr['planned_steps']} planned steps "
+              f"(--max-minutes {args.max_minutes:g})")
     if "validation" in m:
         print(f"validation   loss {m['validation']['loss']:.3f}, F1 {_pct(m['validation']['decision']['f1'])}")
     d = m["test"]["decision"]
@@ -94,6 +133,57 @@ def cmd_train(args: argparse.Namespace) -> int:
         s = m["selection"]
         print(f"selection    {s['method']} kept {s['kept']} of {s['candidates']}: test F1 {100 * s['selected_f1']:.1f}% "
               f"vs {100 * s['full_f1']:.1f}% on the full split ({'helped' if s['helped'] else 'did not help'})")
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from corefbot.models.train.finetune import load_preset
+    from corefbot.models.train.run import run
+    from corefbot.models.train.seed import build_seed_data
+
+    out = Path(args.out)
+    data = build_seed_data(args.data_dir, out / "seed-data")
+    for name, c in data.counts.items():
+        print(f"seed set     {name}: train {c['train']} of {c['train_available']}, held out {c['heldout']}")
+    config = load_preset(args.preset, max_minutes=args.max_minutes, max_steps=args.max_steps, device=args.device)
+    result = run(args.base, [data.train], out, config)
+    tr = result.metrics["train"]
+    print(f"trained      {tr['steps']} steps ({tr['planned_steps']} planned{', stopped on the budget' if tr['stopped_on_budget'] else ''}), "
+          f"{tr['sequences']} sequences, {tr['tokens']:,} tokens in {tr['wall_s'] / 60:.1f} min "
+          f"({tr['tokens_per_s']:,.0f} tokens/s), final loss {tr['final_loss']:.3f}, "
+          f"peak memory {tr['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if args.no_figures:
+        return 0
+    return _print_figures(out, data.heldout, args.per_set, rewrites=True, report=out / "figures.json")
+
+
+def cmd_seed_eval(args: argparse.Namespace) -> int:
+    heldout = {p.stem.removeprefix("heldout-"): p for p in sorted(Path(args.heldout).glob("heldout-*.jsonl"))}
+    if not heldout:
+        raise FileNotFoundError(f"{args.heldout}: no heldout-*.jsonl (not a seed run's seed-data/ folder)")
+    if args.sets:
+        unknown = sorted(set(args.sets) - set(heldout))
+        if unknown:
+            raise ValueError(f"unknown held-out set(s) {', '.join(unknown)}; known: {', '.join(heldout)}")
+        heldout = {k: v for k, v in heldout.items() if k in args.sets}
+    return _print_figures(Path(args.model), heldout, args.per_set, rewrites=not args.no_rewrites,
+                          report=Path(args.report) if args.report else None)
+
+
+def _print_figures(model: Path, heldout: dict, per_set: int, *, rewrites: bool, report: Path | None) -> int:
+    import time
+
+    from corefbot.models.train.seed import format_figures, heldout_figures
+
+    start = time.perf_counter()
+    rows = heldout_figures(model, heldout, per_set=per_set, rewrites=rewrites, progress=True)
+    print(format_figures(rows, model.name))
+    print(f"evaluated    {sum(r.examples for r in rows)} held-out examples x 6 option orders in "
+          f"{time.perf_counter() - start:.0f} s")
+    if report is not None:
+        report.write_text(json.dumps({"model": str(model), "per_set": per_set, "sets": [r.to_dict() for r in rows]},
+                                     indent=2, ensure_ascii=False, default=str))
+        print(f"report       {report}")
     return 0
 
 
@@ -119,6 +209,19 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     print("timings      " + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()))
     if r.version_id is not None:
         print(f"registered   model version {r.version_id} (candidate)")
+    return 0
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    from corefbot.models.ship.lora import export_lora
+
+    out, a = export_lora(args.run_dir, max_examples=args.max_examples or None, n_threads=args.threads, progress=True)
+    print(f"adapter      {out} ({out.stat().st_size / 1e6:.1f} MB); serve with --model {args.run_dir} "
+          f"(or COREFBOT_MODEL_PATH={args.run_dir})")
+    if a is not None:
+        print(f"agreement    {100 * a.agreement:.1f}% of {a.examples} test decisions match the HF model "
+              f"(mean |Δp(needs)| {a.mean_abs_p_needs_diff:.3f}; serve-order F1 HF {100 * a.hf_f1:.1f}% "
+              f"vs llama.cpp {100 * a.gguf_f1:.1f}%)")
     return 0
 
 

@@ -155,14 +155,20 @@ def resolver_report(store: Store, names: dict[str, str], w) -> None:
             w(f"     answer [{status}]: {(answer or error or '').replace(chr(10), ' ⏎ ')}\n")
 
 
-def main(keep: str | None, out: TextIO) -> int:
+def main(keep: str | None, out: TextIO, model: str | None = None) -> int:
+    env: dict[str, str] = {}
+    if model:
+        from corefbot.models.serve.llama import served_model
+
+        served_model(model)  # a GGUF or a run folder: fail here, naming it, rather than fall back to rules
+        env = {"COREFBOT_MODEL_PATH": str(Path(model).resolve()), "COREFBOT_RESOLVER": "llama-cpp"}
     if keep:
         workdir = Path(keep)
         workdir.mkdir(parents=True, exist_ok=True)
-        db, calls = asyncio.run(run_demo(workdir))
+        db, calls = asyncio.run(run_demo(workdir, env=env))
         report(db, calls, out)
         return 0
     with tempfile.TemporaryDirectory(prefix="corefbot-demo-") as tmp:
-        db, calls = asyncio.run(run_demo(Path(tmp)))
+        db, calls = asyncio.run(run_demo(Path(tmp), env=env))
         report(db, calls, out)
     return 0

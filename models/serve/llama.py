@@ -94,11 +94,83 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def _prefill_pays_off(window: Sequence[Turn], newer: "_Job | None") -> bool:
+    """Whether finishing a prefill of ``window`` can still help, given a newer queued prefill of the
+    same group. While the window grows (fewer messages than the cap) the newer prompt extends this one
+    and reuses all of it; once it slides, the oldest line and the senders' letters change, so only the
+    static header (already kept) would be shared."""
+    if newer is None:
+        return True
+    if not window:
+        return True
+    return bool(newer.window) and newer.window[0] == window[0]
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+#: What a finetune run folder serves when it has both: the base GGUF + the run's GGUF LoRA ("adapter",
+#: no second quantization, a small file per version) or the merged-and-requantized model ("merged").
+#: Chosen by measurement (README, "Real Qwen"): both routes on the same test split.
+DEFAULT_ROUTE: Literal["adapter", "merged"] = "adapter"
+MERGED_PREFERENCE = ("model-q4_k_m.gguf", "model-q8_0.gguf")
+RUN_ADAPTER = "adapter.gguf"
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """The files llama.cpp loads for a model name: a GGUF, and maybe a GGUF LoRA applied to it."""
+
+    gguf: Path
+    lora: Path | None = None
+    lora_scale: float = 1.0
+    route: Literal["gguf", "adapter", "merged"] = "gguf"
+
+
+def _check_gguf(path: Path, what: str = "GGUF model") -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (bad magic)")
+    return path
+
+
+def served_model(path: str | Path, route: Literal["auto", "adapter", "merged"] = "auto") -> ServedModel:
+    """Resolve a model name as every caller gives it (``COREFBOT_MODEL_PATH``, ``eval --model``, ``bench
+    resolver --model``, ``demo --model``, the registry): a GGUF file as it is, or a finetune run folder as
+    its base GGUF + ``adapter.gguf`` (``corefbot export-lora``) or its merged ``model-<quant>.gguf``
+    (``corefbot export-gguf``), :data:`DEFAULT_ROUTE` first when it has both."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_dir():
+        return ServedModel(_check_gguf(path))
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{path}: a folder but not a finetune run folder (no config.yaml); "
+                                "name a GGUF file or a run folder")
+    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    options: dict[str, ServedModel] = {}
+    if (path / RUN_ADAPTER).is_file() and config.get("base_gguf"):
+        base = Path(config["base_gguf"])
+        options["adapter"] = ServedModel(base, path / RUN_ADAPTER, 1.0, "adapter")
+    for name in MERGED_PREFERENCE:
+        if (path / name).is_file():
+            options["merged"] = ServedModel(path / name, None, 1.0, "merged")
+            break
+    order = [route] if route != "auto" else [DEFAULT_ROUTE] + [r for r in ("adapter", "merged") if r != DEFAULT_ROUTE]
+    for name in order:
+        if name in options:
+            chosen = options[name]
+            _check_gguf(chosen.gguf, "base GGUF of the run" if name == "adapter" else "GGUF model")
+            return chosen
+    wanted = "" if route == "auto" else f" by the {route} route"
+    raise FileNotFoundError(f"{path}: this run folder has nothing llama.cpp can serve{wanted}: run "
+                            f"`corefbot export-lora {path}` (base GGUF + adapter) or `corefbot export-gguf {path}` (merged)")
 
 
 class LlamaBackend:
@@ -107,19 +179,27 @@ class LlamaBackend:
     name = "llama-cpp"
 
     def __init__(self, model_path: str | Path, *, n_threads: int | None = None, n_ctx: int = 2048,
-                 timeout_s: float = 30.0, max_queue: int = 8, max_groups: int = 32,
+                 timeout_s: float | None = 30.0, max_queue: int = 8, max_groups: int = 32,
                  max_state_mb: float = 256.0, max_rewrite_tokens: int = 96, n_batch: int = 512,
-                 reuse: bool = True) -> None:
-        """``reuse=False`` evaluates every prompt from scratch (a cold reference in tests); so does a
-        single ``resolve(..., cold=True)``, the naive call the benchmark compares against."""
+                 reuse: bool = True, lora_path: str | Path | None = None, lora_scale: float = 1.0) -> None:
+        """``model_path``: a GGUF, or a finetune run folder (see :func:`served_model`), which brings its
+        own adapter. ``lora_path``: a GGUF LoRA applied to the GGUF at ``lora_scale`` (llama.cpp takes it
+        only when the context is built: another adapter means another backend). ``timeout_s=None``
+        waits as long as the answer takes (evaluation, not serving). ``reuse=False`` evaluates every
+        prompt from scratch (a cold reference in tests); so does a single ``resolve(..., cold=True)``,
+        the naive call the benchmark compares against."""
         import llama_cpp
 
-        self.model_path = Path(model_path)
-        if not self.model_path.is_file():
-            raise FileNotFoundError(f"GGUF model not found: {self.model_path}")
-        with open(self.model_path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ValueError(f"{self.model_path} is not a GGUF file (bad magic)")
+        self.model_path = Path(model_path)  # as named (a run folder stays a run folder: reloads reuse it)
+        served = served_model(self.model_path)
+        if lora_path is not None:
+            if served.lora is not None:
+                raise ValueError(f"{self.model_path} already brings its adapter {served.lora}; "
+                                 f"do not also pass lora_path={lora_path}")
+            served = ServedModel(served.gguf, Path(lora_path), lora_scale, served.route)
+        self.gguf_path, self.lora_path, self.lora_scale = served.gguf, served.lora, served.lora_scale
+        if self.lora_path is not None and not self.lora_path.is_file():
+            raise FileNotFoundError(f"GGUF LoRA adapter not found: {self.lora_path}")
         self.timeout_s = timeout_s
         self.max_queue = max_queue
         self.max_groups = max_groups
@@ -129,11 +209,13 @@ class LlamaBackend:
         self.n_threads = n_threads or _default_threads()
         try:
             self._llm = llama_cpp.Llama(
-                model_path=str(self.model_path), n_ctx=n_ctx, n_batch=n_batch, n_threads=self.n_threads,
+                model_path=str(self.gguf_path), n_ctx=n_ctx, n_batch=n_batch, n_threads=self.n_threads,
                 n_threads_batch=self.n_threads, logits_all=False, verbose=False,
+                lora_path=str(self.lora_path) if self.lora_path else None, lora_scale=self.lora_scale,
             )
         except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError with no detail
-            raise ValueError(f"llama.cpp could not load {self.model_path}: {exc}") from exc
+            what = f"{self.gguf_path} with adapter {self.lora_path}" if self.lora_path else str(self.gguf_path)
+            raise ValueError(f"llama.cpp could not load {what}: {exc}") from exc
         self._lc = llama_cpp
         self.n_ctx = self._llm.n_ctx()
         self._n_vocab = self._llm.n_vocab()
@@ -156,6 +238,7 @@ class LlamaBackend:
         self.last_eval_tokens = 0  # tokens evaluated for the last decision (tests and the bench read it)
         self.last_reused_tokens = 0
         self.last_decision_ms = 0.0  # submission to decision, before any rewrite is generated
+        self.skipped_prefills = 0  # background prefills stopped because a newer window made them useless
 
         self._cv = threading.Condition()
         self._resolves: deque[_Job] = deque()
@@ -175,7 +258,7 @@ class LlamaBackend:
             raise ValueError(f"rewrite must be 'auto', 'always' or 'never', not {rewrite!r}")
         start = time.perf_counter()
         job = _Job("resolve", group, tuple(window), question, rewrite=rewrite, cold=cold, submitted=start,
-                   deadline=time.monotonic() + self.timeout_s)
+                   deadline=math.inf if self.timeout_s is None else time.monotonic() + self.timeout_s)
         with self._cv:
             if self._closing:
                 raise RuntimeError(f"llama-cpp backend for {self.model_path} is closed")
@@ -189,7 +272,7 @@ class LlamaBackend:
         except FutureTimeout:
             job.cancelled = True
             raise TimeoutError(f"llama-cpp resolver ({self.model_path.name}) gave no answer within "
-                               f"{self.timeout_s:g} s") from None
+                               f"{self.timeout_s or 0:g} s") from None
         return Resolution(res.decision, res.probs, res.rewrite, backend=self.name,
                           latency_ms=(time.perf_counter() - start) * 1000)
 
@@ -313,6 +396,11 @@ class LlamaBackend:
             if job.cancelled or time.monotonic() > job.deadline:
                 raise _Abandoned
         elif self._resolves:  # a question is waiting: it goes first
+            raise _Abandoned
+        elif job.group is not None and not _prefill_pays_off(job.window, self._observes.get(job.group)):
+            # A newer message slid this group's window while its prefill ran: the prefix this prefill
+            # computes is dead before any question can use it, so stop paying for it now.
+            self.skipped_prefills += 1
             raise _Abandoned
 
     # -- llama.cpp work (worker thread only) -------------------------------------------------------

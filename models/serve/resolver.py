@@ -55,25 +55,30 @@ class Resolver:
         self.backend.close()
 
 
+SERVING_TIMEOUT_S = 30.0  # a member is waiting: a later answer is worse than none
+
+
 def load_backend(name: BackendName, *, model_path: str | None = None, url: str | None = None,
                  http_model: str = "default", api_key: str | None = None, n_threads: int | None = None,
-                 gate_path: str | Path | None = None) -> Backend:
+                 gate_path: str | Path | None = None, timeout_s: float | None = SERVING_TIMEOUT_S) -> Backend:
     """Build one backend; raises ``ValueError``/``FileNotFoundError`` naming what is wrong.
-    ``gate_path``: a retrained gate (the rules backend decides with its classifier)."""
+    ``gate_path``: a retrained gate (the rules backend decides with its classifier). ``model_path``: a
+    GGUF or a finetune run folder. ``timeout_s``: how long a model call may take; ``None`` waits (an
+    evaluation measures answers, and a loaded machine must not turn slow ones into failures)."""
     if name == "rules":
         return _rules(gate_path)
     if name == "llama-cpp":
         if not model_path:
-            raise ValueError("the llama-cpp backend needs a GGUF model path (COREFBOT_MODEL_PATH or --model)")
+            raise ValueError("the llama-cpp backend needs a GGUF model path or a run folder (COREFBOT_MODEL_PATH or --model)")
         from corefbot.models.serve.llama import LlamaBackend
 
-        return LlamaBackend(model_path, n_threads=n_threads)
+        return LlamaBackend(model_path, n_threads=n_threads, timeout_s=timeout_s)
     if name == "http":
         if not url:
             raise ValueError("the http backend needs an OpenAI-compatible base URL (COREFBOT_RESOLVER_URL or --url)")
         from corefbot.models.serve.http import HttpBackend
 
-        return HttpBackend(url, model=http_model, api_key=api_key)
+        return HttpBackend(url, model=http_model, api_key=api_key, timeout_s=timeout_s)
     raise ValueError(f"unknown resolver backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -71,8 +71,10 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
 
 
 def decision_agreement(hf_dir: str | Path, gguf_path: str | Path, examples: Sequence[Example], *,
-                       n_threads: int | None = None, progress: bool = False) -> Agreement:
-    """Serving-order decisions of the HF model and the GGUF on the same examples."""
+                       n_threads: int | None = None, progress: bool = False,
+                       lora_path: str | Path | None = None) -> Agreement:
+    """Serving-order decisions of the HF model (a folder, or a run folder: base + adapter) and the GGUF
+    (with ``lora_path``, a GGUF LoRA applied to it: the adapter route) on the same examples."""
     import math
 
     from tqdm import tqdm
@@ -95,7 +97,7 @@ def decision_agreement(hf_dir: str | Path, gguf_path: str | Path, examples: Sequ
     gc.collect()
     gg_dec: list[Decision] = []
     gg_p: list[float] = []
-    backend = LlamaBackend(gguf_path, n_threads=n_threads)
+    backend = LlamaBackend(gguf_path, n_threads=n_threads, lora_path=lora_path, timeout_s=None)
     try:
         for e in tqdm(examples, desc="gguf decisions", unit="q", disable=not progress, leave=False):
             res = backend.resolve(e.window, e.question, rewrite="never")

@@ -366,8 +366,9 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
     if config.base_model is None:
         raise ValueError("no base model configured (COREFBOT_BASE_MODEL or --base)")
     base = Path(config.base_model).expanduser()
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(f"{base}: no config.json (the base model must be a Hugging Face model folder)")
+    from corefbot.models.train.base import resolve_base
+
+    base_model = resolve_base(base)  # a GGUF is dequantized once (cached); errors name the file
     cfg = load_preset(config.preset, **dict(config.finetune_overrides))
     # ---- a new run folder: nothing outside it is written until the registry step ----
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -407,22 +408,40 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
 
     # ---- GGUF for serving ----
     _step(state, "export", on_step)
-    from corefbot.models.ship.export import export_gguf
+    from corefbot.models.serve.llama import DEFAULT_ROUTE
 
     t = time.perf_counter()
-    exported = export_gguf(run_dir, config.quant, store=None, max_examples=config.agreement_examples,
-                           n_threads=config.n_threads, progress=config.progress)
+    quant = config.quant
+    if base_model.gguf is not None and DEFAULT_ROUTE == "adapter":
+        # The adapter route: the base GGUF stays as it is and the run folder serves it with adapter.gguf.
+        from corefbot.models.ship.lora import export_lora
+
+        adapter, agreement = export_lora(run_dir, max_examples=config.agreement_examples,
+                                         n_threads=config.n_threads, progress=config.progress)
+        quant, served_path, size_bytes = "lora", run_dir.resolve(), adapter.stat().st_size
+        state.agreement = agreement.agreement if agreement is not None else math.nan
+        decision = result.metrics.get("test", {}).get("decision", {})
+        record = {"test_f1": decision.get("f1", {}).get("mean"), "agreement": state.agreement,
+                  "agreement_examples": agreement.examples if agreement else 0, "route": "adapter",
+                  "gguf_serve_f1": agreement.gguf_f1 if agreement else None,
+                  "hf_serve_f1": agreement.hf_f1 if agreement else None}
+    else:
+        from corefbot.models.ship.export import export_gguf
+
+        exported = export_gguf(run_dir, config.quant, store=None, max_examples=config.agreement_examples,
+                               n_threads=config.n_threads, progress=config.progress)
+        served_path, size_bytes = exported.gguf_path.resolve(), exported.size_bytes
+        state.agreement = exported.agreement.agreement
+        record = json.loads((run_dir / f"export-{config.quant}.json").read_text())["metrics"]
     state.seconds["export"] = time.perf_counter() - t
-    state.gguf_path = str(exported.gguf_path.resolve())
-    state.agreement = exported.agreement.agreement
-    record = json.loads((run_dir / f"export-{config.quant}.json").read_text())["metrics"]
+    state.gguf_path = str(served_path)
     metrics = {**record, **_metrics(result.metrics, state)}
     if not state.agreement >= config.min_agreement:
-        reason = (f"the quantized model ({config.quant}) agrees with the merged one on only "
+        reason = (f"the served model ({quant}) agrees with the HF one on only "
                   f"{_pct(state.agreement)} of test decisions (minimum {_pct(config.min_agreement)})")
         state.version_id = registry.register(
             store, gguf_path=state.gguf_path, run_dir=run_dir.resolve(), base=str(base), metrics=metrics,
-            quant=config.quant, note=f"nightly run {state.run_id}: {reason}", status="rejected").id
+            quant=quant, note=f"nightly run {state.run_id}: {reason}", status="rejected").id
         summary = (f"{head} Not promoted: {reason}. Serving {serving_name}, unchanged "
                    f"(candidate kept as v{state.version_id}, rejected).")
         return state.report("rejected", summary, margin, reason=reason)
@@ -431,13 +450,13 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
     _step(state, "register", on_step)
     reason = f"test F1 {_pct(state.f1_before)} → {_pct(state.f1_after)} ({_signed_points(gain)} points)"
     version = registry.register(store, gguf_path=state.gguf_path, run_dir=run_dir.resolve(), base=str(base),
-                                metrics=metrics, quant=config.quant, note=f"nightly run {state.run_id}: {reason}")
+                                metrics=metrics, quant=quant, note=f"nightly run {state.run_id}: {reason}")
     state.version_id = version.id
     registry.promote(store, version.id)
     state.step = "done"  # promoted: from here nothing may report a failure
-    size_mb = exported.size_bytes / 1e6
-    summary = (f"{head} Promoted as v{version.id} ({config.quant}, {size_mb:.0f} MB; quantized decisions agree "
-               f"with the merged model on {_pct(state.agreement)} of test questions), replacing {serving_name}.")
+    size_mb = size_bytes / 1e6
+    summary = (f"{head} Promoted as v{version.id} ({quant}, {size_mb:.0f} MB; served decisions agree "
+               f"with the HF model on {_pct(state.agreement)} of test questions), replacing {serving_name}.")
     return state.report("promoted", summary, margin, reason=reason)
 
 

@@ -70,6 +70,18 @@ def register(store: Store, *, gguf_path: str | Path, run_dir: str | Path = "", b
     return get(store, vid)
 
 
+def _check_servable(version: ModelVersion) -> None:
+    """A version's model (a GGUF, or a run folder with its adapter or merged GGUF) must be loadable."""
+    from corefbot.models.serve.llama import served_model
+
+    if not version.gguf_path:
+        raise RegistryError(f"model version {version.id}: no model path recorded")
+    try:
+        served_model(version.gguf_path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise RegistryError(f"model version {version.id}: {exc}") from None
+
+
 def get(store: Store, version_id: int) -> ModelVersion:
     row = store.db.conn.execute(f"SELECT {_COLS} FROM model_versions WHERE id = ?", (version_id,)).fetchone()
     if row is None:
@@ -108,8 +120,7 @@ def set_status(store: Store, version_id: int, status: Status, note: str | None =
 def promote(store: Store, version_id: int) -> ModelVersion:
     """Make ``version_id`` the serving version; the one serving before is retired."""
     target = get(store, version_id)
-    if not target.gguf_path or not Path(target.gguf_path).is_file():
-        raise RegistryError(f"model version {version_id}: GGUF file {target.gguf_path!r} is missing")
+    _check_servable(target)
     with store.db.conn:
         store.db.conn.execute("UPDATE model_versions SET status = 'retired' WHERE status = 'serving' AND id != ?",
                               (version_id,))
@@ -130,8 +141,7 @@ def rollback(store: Store) -> ModelVersion:
     if row is None:
         raise RegistryError(f"model version {current.id} is the only one that ever served: nothing to roll back to")
     previous = _version(row)
-    if not Path(previous.gguf_path).is_file():
-        raise RegistryError(f"model version {previous.id}: GGUF file {previous.gguf_path!r} is missing")
+    _check_servable(previous)
     with store.db.conn:
         store.db.conn.execute("UPDATE model_versions SET status = 'rolled_back' WHERE id = ?", (current.id,))
         store.db.conn.execute("UPDATE model_versions SET status = 'serving', promoted_at = ? WHERE id = ?",

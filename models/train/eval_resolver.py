@@ -70,11 +70,13 @@ def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: st
 
     from corefbot.models.serve.resolver import load_resolver
 
-    kwargs: dict[str, Any] = {}
+    # No serving timeout: under load a slow answer is still an answer (the bot's 30 s limit once counted
+    # such questions as failed here).
+    kwargs: dict[str, Any] = {"timeout_s": None}
     if name == "llama-cpp":
-        kwargs = {"model_path": model_path, "n_threads": n_threads}
+        kwargs.update(model_path=model_path, n_threads=n_threads)
     elif name == "http":
-        kwargs = {"url": url, "http_model": http_model, "api_key": api_key}
+        kwargs.update(url=url, http_model=http_model, api_key=api_key)
     resolver = load_resolver(name, gate=gate, gate_path=gate_path, **kwargs)
 
     def predict(e: Example) -> Outcome:

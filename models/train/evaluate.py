@@ -53,6 +53,14 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, *, devi
 
         run = yaml.safe_load((path / "config.yaml").read_text())
         adapter, path = path / "adapter", Path(run["base"])
+        if not (path / "config.json").is_file() and run.get("base_gguf"):
+            from corefbot.models.train.base import resolve_base
+
+            path = resolve_base(run["base_gguf"]).hf_dir  # the cached conversion was deleted: redo it
+    elif path.is_file():  # a GGUF: its cached float32 conversion
+        from corefbot.models.train.base import resolve_base
+
+        path = resolve_base(path).hf_dir
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model folder)")
     dev = pick_device(device)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from corefbot.pipeline.prompt import balanced_orders, build_prompt, target
 from corefbot.pipeline.records import Example
+from corefbot.models.train.base import file_sha256  # noqa: F401 - re-exported: run folders hash their data
 from corefbot.models.train.evaluate import decoder_and_head, encode, pick_device, torch_dtype_for
 from corefbot.models.train.split import Split, assert_no_leak
 
@@ -53,9 +54,16 @@ class FinetuneConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     target_modules: str | tuple[str, ...] = "all-linear"
+    # Adapt only the last N decoder layers (None: all). On a CPU the backward pass then stops N layers
+    # from the top, so a step costs about (1 + N/L) / 3 of a full-depth one for L layers.
+    lora_layers: int | None = None
     learning_rate: float = 2e-4
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    # Wall-clock budget for the optimizer steps (evaluation and saving come after it): training stops at
+    # the first step boundary where another step would overrun it, and the schedule is re-fitted to the
+    # steps the budget allows, so the learning rate still decays to its end. None: no budget.
+    max_minutes: float | None = None
     warmup_steps: int = 10
     lr_scheduler: Scheduler = "cosine"
     sequence_len: int = 1400
@@ -164,14 +172,6 @@ def make_batches(lengths: Sequence[int], micro_batch_size: int, *, seed: int, gr
     return batches
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---- setup ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -208,9 +208,22 @@ def setup(base: str | Path, config: FinetuneConfig) -> Session:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    layers = None
+    if config.lora_layers:
+        n_layers = int(model.config.num_hidden_layers)
+        if not 0 < config.lora_layers <= n_layers:
+            raise ValueError(f"lora_layers must be between 1 and {n_layers} for {base}, got {config.lora_layers}")
+        layers = list(range(n_layers - config.lora_layers, n_layers))
+    targets: str | list[str] = (list(config.target_modules) if isinstance(config.target_modules, tuple)
+                                else config.target_modules)
+    if layers is not None and targets == "all-linear":
+        # peft takes layers_to_transform only with named modules: every linear layer inside the decoder layers.
+        targets = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                          if isinstance(mod, torch.nn.Linear) and ".layers." in name})
     lora = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules) if isinstance(config.target_modules, tuple) else config.target_modules,
+        layers_to_transform=layers,
+        target_modules=targets,
         bias="none", task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
@@ -264,6 +277,8 @@ class FitResult:
     wall_s: float
     peak_memory_bytes: int  # GPU: max allocated; CPU: the process's peak resident set
     losses: tuple[LossRow, ...] = field(default=())
+    planned_steps: int = 0  # steps the epochs / max_steps asked for
+    stopped_on_budget: bool = False  # max_minutes ended training before planned_steps
 
     @property
     def tokens_per_s(self) -> float:
@@ -275,7 +290,35 @@ class FitResult:
                 "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
                 "padding_share": 1 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0,
                 "peak_memory_bytes": self.peak_memory_bytes,
-                "final_loss": self.losses[-1].loss if self.losses else math.nan}
+                "final_loss": self.losses[-1].loss if self.losses else math.nan,
+                "planned_steps": self.planned_steps or self.steps, "stopped_on_budget": self.stopped_on_budget}
+
+
+class _Horizon:
+    """The step count a budgeted schedule decays over; shrinks as the budget's reach becomes known."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+
+def _budget_scheduler(optimizer: Any, config: FinetuneConfig, horizon: _Horizon) -> Any:
+    """Warm-up then cosine / linear / constant over ``horizon.total`` steps, read at every step, so
+    a wall-clock budget that allows fewer steps than planned still ends with a decayed learning rate."""
+    import torch
+
+    def factor(step: int) -> float:
+        total = max(1, horizon.total)
+        warmup = min(config.warmup_steps, max(0, total - 1))
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if config.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _scheduler(optimizer: Any, config: FinetuneConfig, total_steps: int) -> Any:
@@ -327,7 +370,12 @@ def fit(session: Session, data: Sequence[Encoded], *, progress: bool = True) -> 
     else:
         total_steps = max(1, math.ceil(per_epoch * config.epochs / accum / acc.num_processes))
     optimizer = _optimizer(session.model, config)
-    scheduler = _scheduler(optimizer, config, total_steps)
+    horizon = _Horizon(total_steps)
+    budget_s = config.max_minutes * 60 if config.max_minutes else None
+    if budget_s is not None and budget_s <= 0:
+        raise ValueError(f"max_minutes must be positive, got {config.max_minutes}")
+    scheduler = (_budget_scheduler(optimizer, config, horizon) if budget_s is not None
+                 else _scheduler(optimizer, config, total_steps))
     wrapper = _response_loss_module(session.model)
     # The scheduler stays unwrapped: total_steps already counts this process's optimizer steps, and
     # accelerate's wrapper would step it once per process.
@@ -352,7 +400,20 @@ def fit(session: Session, data: Sequence[Encoded], *, progress: bool = True) -> 
     tokens = padded = response = sequences = 0
     start = time.perf_counter()
     bar = tqdm(total=total_steps, desc="training", unit="step", disable=not progress or not acc.is_main_process)
+    steps_done = 0
+    stopped_on_budget = False
     for step in range(1, total_steps + 1):
+        if budget_s is not None and steps_done:
+            elapsed = time.perf_counter() - start
+            per_step = elapsed / steps_done
+            # Stop before a step that would overrun the budget (every step is about as long as the mean).
+            if elapsed + per_step > budget_s:
+                stopped_on_budget = True
+                log.warning("stopping after %d of %d steps: the %.1f-minute budget is spent (%.0f s per step)",
+                            steps_done, total_steps, config.max_minutes, per_step)
+                break
+            reach = steps_done + int((budget_s - elapsed) / per_step)
+            horizon.total = max(steps_done + 1, min(total_steps, reach))
         group = [next(stream) for _ in range(accum)]
         # Normalise by the response tokens of the whole optimizer step, so a micro-batch with more
         # answer tokens weighs more (a token mean, as with one large batch).
@@ -387,13 +448,14 @@ def fit(session: Session, data: Sequence[Encoded], *, progress: bool = True) -> 
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         rows.append(LossRow(step, lr, step_loss, tokens, time.perf_counter() - start))
-        bar.set_postfix(loss=f"{step_loss:.3f}")
+        steps_done = step
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
         bar.update()
     bar.close()
     wall = time.perf_counter() - start
     session.model.eval()
-    return FitResult(total_steps, sequences, tokens, padded, response, wall, peak_memory_bytes(session.device),
-                     tuple(rows))
+    return FitResult(steps_done, sequences, tokens, padded, response, wall, peak_memory_bytes(session.device),
+                     tuple(rows), planned_steps=total_steps, stopped_on_budget=stopped_on_budget)
 
 
 class _null:

@@ -83,9 +83,14 @@ def monotonicity_breaks(names: Sequence[str], sizes: Sequence[int], values: Sequ
 # ---- models ---------------------------------------------------------------------------------
 
 def count_parameters(model_dir: str | Path) -> int:
-    """Parameters of an HF model folder, from its safetensors headers (no weights loaded); a finetune
-    run folder counts its base. Tied embeddings are stored, and counted, once."""
+    """Parameters of an HF model folder, from its safetensors headers (no weights loaded), or of a GGUF
+    file, from its tensor shapes; a finetune run folder counts its base. Tied embeddings are stored, and
+    counted, once."""
     path = Path(model_dir)
+    if path.is_file():  # a GGUF: its tensors' shapes (quantized or not, one weight is one parameter)
+        import gguf
+
+        return sum(int(math.prod(int(d) for d in t.shape)) for t in gguf.GGUFReader(path).tensors)
     if (path / "adapter").is_dir() and (path / "config.yaml").is_file():
         import yaml
 

@@ -54,9 +54,7 @@ def _corpus() -> list[str]:
 
     lines = [prompt.SYSTEM, prompt.HEADER.format(options=""), prompt.NO_HISTORY, prompt.QUESTION_SCORE_PROMPT,
              *prompt.OPTION_TEXT.values(),
-             "Answer with the option's letter. If the last message needs coreference resolution, "
-             "write it rewritten as a self-contained question on the next line.",
-             "Last message, from A:", "Options:", "A. B. C. D."]
+             "Last message, A:", "Last message, B:", "A. B. C. D."]
     lines += [
         "Can mmpose be deployed on mobile phones?", "BTW, how to deploy it on TX2?",
         "How to deploy mmpose on TX2?", "Does it support CUDA 12? Which version of PyTorch do you use?",

@@ -98,7 +98,8 @@ class ResolverSettings(BaseModel):
     corefbot_resolver: BackendName | None = Field(
         None, description="`rules`, `llama-cpp` or `http`; default `llama-cpp` when `COREFBOT_MODEL_PATH` is set, else `rules`")
     corefbot_model_path: Path | None = Field(
-        None, description="GGUF for `llama-cpp`; missing or corrupt → a clear error at start, fallback to `rules`, "
+        None, description="GGUF for `llama-cpp`, or a finetune run folder (its base GGUF + `adapter.gguf`, or its "
+                          "merged GGUF); missing or corrupt → a clear error at start, fallback to `rules`, "
                           "the bot keeps running")
     corefbot_resolver_url: str | None = Field(
         None, description="OpenAI-compatible endpoint of the `http` backend (llama.cpp server, vLLM, Ollama)")
@@ -235,7 +236,8 @@ class NightlySettings(CommonConfig):
 
     # -- what the job trains (passed to `corefbot nightly --now`) --
     corefbot_base_model: Path | None = Field(
-        None, description="Hugging Face folder of the base model; without it the nightly job is off")
+        None, description="base model: a Hugging Face folder or a GGUF (dequantized once, cached in "
+                          "`COREFBOT_CACHE_DIR`); without it the nightly job is off")
     corefbot_nightly_preset: str = Field(_JOB.preset, description="finetune preset (`paper`, `paper-7b`, `tiny`) or a YAML file")
     corefbot_nightly_min_new_labels: int = Field(
         _JOB.min_new_labels, description="fewer new or changed labels since the last trained run: skip with a note")
