@@ -15,6 +15,7 @@ from corefbot.demo.process import BotProcess, free_port
 from corefbot.pipeline.records import Message
 from corefbot.pipeline.sanitize import is_bounded_copy
 from corefbot.pipeline.store import Store
+from tests.test_e2e_resolver import table as rows, wait_rows as until
 
 pytestmark = pytest.mark.slow
 
@@ -24,25 +25,6 @@ UNAVAILABLE = "Sorry, the assistant is unavailable right now and could not answe
 
 def env(**extra: str) -> dict[str, str]:
     return {"COREFBOT_LABELS_CONFIRM": "false", "COREFBOT_RATE_LIMIT": "0", "SUPERUSERS": '["1"]', **extra}
-
-
-def rows(db: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    store = Store(db)
-    try:
-        return store.db.conn.execute(sql, args).fetchall()
-    finally:
-        store.close()
-
-
-async def until(db: Path, sql: str, predicate, timeout: float = 30.0) -> list[tuple]:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await asyncio.to_thread(rows, db, sql)
-        if predicate(got):
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting on {sql!r}: {got}")
-        await asyncio.sleep(0.1)
 
 
 def at_bot(text: str) -> list[dict]:
