@@ -171,6 +171,14 @@ def test_timeout_raises_and_leaves_a_working_backend(tiny_gguf: Path):
     assert got.probs["needs"] == pytest.approx(expected.probs["needs"], abs=1e-5)
 
 
+def test_no_timeout_runs_questions_and_tasks(tiny_gguf: Path):
+    """``timeout_s=None`` (``corefbot eval``) waits as long as it takes, for a question and for a task such
+    as the question filter's second stage alike."""
+    with LlamaBackend(tiny_gguf, n_threads=1, timeout_s=None) as b:
+        assert b.resolve(WINDOW, QUESTIONS[0]).decision in ("needs", "not_needed", "unknown")
+        assert b.call(lambda job: job.kind) == "call"
+
+
 def test_closed_backend_refuses_requests(tiny_gguf: Path):
     b = LlamaBackend(tiny_gguf, n_threads=1)
     b.close()

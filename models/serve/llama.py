@@ -106,6 +106,11 @@ def _prefill_pays_off(window: Sequence[Turn], newer: "_Job | None") -> bool:
     return bool(newer.window) and newer.window[0] == window[0]
 
 
+def _deadline(timeout_s: float | None) -> float:
+    """When a job stops being worth running; no timeout (``corefbot eval``) means never."""
+    return math.inf if timeout_s is None else time.monotonic() + timeout_s
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -258,36 +263,27 @@ class LlamaBackend:
             raise ValueError(f"rewrite must be 'auto', 'always' or 'never', not {rewrite!r}")
         start = time.perf_counter()
         job = _Job("resolve", group, tuple(window), question, rewrite=rewrite, cold=cold, submitted=start,
-                   deadline=math.inf if self.timeout_s is None else time.monotonic() + self.timeout_s)
-        with self._cv:
-            if self._closing:
-                raise RuntimeError(f"llama-cpp backend for {self.model_path} is closed")
-            if len(self._resolves) >= self.max_queue:
-                raise BackendBusy(f"llama-cpp resolver ({self.model_path.name}) is busy: "
-                                  f"{len(self._resolves)} requests already queued (max_queue={self.max_queue})")
-            self._resolves.append(job)
-            self._cv.notify()
-        try:
-            res: Resolution = job.future.result(timeout=self.timeout_s)
-        except FutureTimeout:
-            job.cancelled = True
-            raise TimeoutError(f"llama-cpp resolver ({self.model_path.name}) gave no answer within "
-                               f"{self.timeout_s or 0:g} s") from None
+                   deadline=_deadline(self.timeout_s))
+        res: Resolution = self._submit(job, self.timeout_s, "resolver", "gave no answer")
         return Resolution(res.decision, res.probs, res.rewrite, backend=self.name,
                           latency_ms=(time.perf_counter() - start) * 1000)
 
     def call(self, fn: "Callable[[_Job], T]", *, timeout_s: float | None = None) -> T:
         """Run ``fn(job)`` on the model's thread, queued with the questions (same ``max_queue``, same
         :class:`BackendBusy`, pre-empting prefills): another task on the one loaded model, such as the
-        question filter's second stage (:mod:`models.question_llm`). ``fn`` may use the backend's KV
+        question filter's second stage (:mod:`corefbot.models.serve.question_llm`). ``fn`` may use the backend's KV
         helpers (``_reuse``, ``_decode``, ``_save``); ``_decode(tokens, job)`` honours the deadline."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        job = _Job("call", None, (), submitted=time.perf_counter(), deadline=time.monotonic() + timeout_s, fn=fn)
+        job = _Job("call", None, (), submitted=time.perf_counter(), deadline=_deadline(timeout_s), fn=fn)
+        return self._submit(job, timeout_s, "backend", "did not run the task")
+
+    def _submit(self, job: _Job, timeout_s: float | None, what: str, late: str) -> Any:
+        """Queue ``job`` with the questions (bounded: :class:`BackendBusy`) and wait for its result."""
         with self._cv:
             if self._closing:
                 raise RuntimeError(f"llama-cpp backend for {self.model_path} is closed")
             if len(self._resolves) >= self.max_queue:
-                raise BackendBusy(f"llama-cpp backend ({self.model_path.name}) is busy: "
+                raise BackendBusy(f"llama-cpp {what} ({self.model_path.name}) is busy: "
                                   f"{len(self._resolves)} requests already queued (max_queue={self.max_queue})")
             self._resolves.append(job)
             self._cv.notify()
@@ -295,8 +291,7 @@ class LlamaBackend:
             return job.future.result(timeout=timeout_s)
         except FutureTimeout:
             job.cancelled = True
-            raise TimeoutError(f"llama-cpp backend ({self.model_path.name}) did not run the task within "
-                               f"{timeout_s:g} s") from None
+            raise TimeoutError(f"llama-cpp {what} ({self.model_path.name}) {late} within {timeout_s or 0:g} s") from None
 
     def observe(self, group: str, window: Sequence[Turn]) -> None:
         """Queue a background prefill of ``group``'s prompt prefix for ``window``: the window the
