@@ -60,6 +60,8 @@ class CommonConfig(BaseModel):
         return ZoneInfo(self.corefbot_timezone) if self.corefbot_timezone else None
 
 
+#: What an asker is told once when the assistant never answered their question.
+UNAVAILABLE_REPLY = "Sorry, the assistant is unavailable right now and could not answer this. Please ask again later."
 ReplyMode = Literal["mention", "all"]
 AssistantApi = Literal["openai", "json"]
 Notify = Literal["auto", "groups", "superusers", "none"]
@@ -161,7 +163,7 @@ class ResolverSettings(BaseModel):
         3600.0, description="undelivered items older than this expire and are never sent; a question that gets no "
                             "answer (expired, or a permanent error) earns its asker one short reply")
     corefbot_unavailable_reply: str = Field(
-        "Sorry, the assistant is unavailable right now and could not answer this. Please ask again later.",
+        UNAVAILABLE_REPLY,
         description="posted once (quoting the question, @-mentioning the asker) when an item gives up without an "
                     "answer; empty: nothing is posted")
     corefbot_outbox_keep_days: float = Field(

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, TypeVar
 from corefbot.pipeline.records import Merged, Turn, message_key
 from corefbot.pipeline.sanitize import bounded
 from corefbot.pipeline.window import turn
+from corefbot.plugins.common.settings import UNAVAILABLE_REPLY
 
 from . import notice, outbox
 from .forward import AssistantClient, AssistantError
@@ -113,7 +114,7 @@ class ServiceOptions:
     question_llm_key: str | None = None
     max_query_chars: int = 4000  # a longer forwarded query (and each history text) is cut, with a marker; 0: no bound
     # Told once to the asker when the outbox gives up on their question; "" tells nothing.
-    unavailable_reply: str = "Sorry, the assistant is unavailable right now and could not answer this. Please ask again later."
+    unavailable_reply: str = UNAVAILABLE_REPLY
 
 
 class ResolverService:
