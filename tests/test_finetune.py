@@ -95,8 +95,10 @@ def test_length_grouping_cuts_padding() -> None:
 
 
 def test_response_only_loss_equals_the_full_head_loss(tiny_hf: Path) -> None:
-    """The head applied to response positions only gives the loss HF computes with masked labels."""
+    """The head applied to response positions only gives the loss HF computes with masked labels, and the
+    decision weight counts the answer's first token (the letter) that many times."""
     import torch
+    import torch.nn.functional as F
 
     from corefbot.models.train.finetune import _response_loss_module, setup
     from corefbot.models.train.evaluate import pad
@@ -105,14 +107,21 @@ def test_response_only_loss_equals_the_full_head_loss(tiny_hf: Path) -> None:
     enc, _ = encode_examples(chat_examples(4), session.tokenizer)
     ids, mask = pad([e.ids for e in enc], 0, "cpu")
     labels = torch.full_like(ids, -100)
-    tmask = torch.zeros_like(ids, dtype=torch.bool)
+    weights = torch.zeros_like(ids, dtype=torch.float32)
     for r, e in enumerate(enc):
         labels[r, e.n_prompt: len(e.ids)] = ids[r, e.n_prompt: len(e.ids)]
-        tmask[r, e.n_prompt: len(e.ids)] = True
+        weights[r, e.n_prompt: len(e.ids)] = 1.0
+    loss = _response_loss_module(session.model)
     with torch.no_grad():
-        ours = _response_loss_module(session.model)(ids, mask, tmask) / int(tmask.sum())
-        hf = session.model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    assert float(ours) == pytest.approx(float(hf), rel=1e-4)
+        ours = loss(ids, mask, weights) / int((weights > 0).sum())
+        out = session.model(input_ids=ids, attention_mask=mask, labels=labels)
+        assert float(ours) == pytest.approx(float(out.loss), rel=1e-4)
+        per_token = F.cross_entropy(out.logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none")
+        letters = sum(float(per_token[r, e.n_prompt - 1]) for r, e in enumerate(enc))
+        for r, e in enumerate(enc):
+            weights[r, e.n_prompt] = 5.0
+        weighted = loss(ids, mask, weights)
+    assert float(weighted) == pytest.approx(float(per_token.sum()) + 4 * letters, rel=1e-4)
 
 
 @pytest.mark.slow
