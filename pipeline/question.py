@@ -122,6 +122,12 @@ _ZH_JUDGED = re.compile(r"应该|是|的|了|不|没|能|会|还|有|够|得|只
 _ZH_MA_END = re.compile(r"(?:吗|(?<![什怎那这多要为甚])么)$")
 _ZH_IS_OR = re.compile(r"是[^，,。.!！\s]{1,15}还是")
 _ZH_AH_END = re.compile(r"[啊呀哇嘞]$")
+# Weak cues: lines that often invite an answer without any question form. They land in the borderline band
+# (a second stage decides) and never pass on their own: a rhetorical 不是/不就 ("那不是变成低分辨率了"),
+# a request to a member ending in 看看/试试/呗 ("你测下速度看看", "佬重新加下微信呗"), a report of not knowing
+# ("我也不知道是啥版本").
+_ZH_RHETORICAL = re.compile(r"(?:那|这|岂)\S{0,6}(?:不是|不就|不得|不会)")
+_ZH_ASK_MEMBER = re.compile(r"(?:你|您|佬)\S{0,12}(?:看看|试试|瞅瞅|康康)$|呗$")
 
 
 def _clean(text: str) -> str:
@@ -191,6 +197,8 @@ def _zh_score(body: str, core: str, last: str) -> float:
         score = max(score, _ba_asks(clause, _PUNCT.split(body[:m.end()])[-1]))
     if score < 5 and _ZH_AH_END.search(core):
         score = max(score, 3.0)  # "shape 对不上啊", "nvidia进不去啊": often a question, often not — the second stage decides
+    if score < 3 and (unknowing or _ZH_RHETORICAL.search(body) or _ZH_ASK_MEMBER.search(core)):
+        return 3.0
     if unknowing and score > 0 and not _QMARK.search(body) and not _ZH_MA.search(body):
         score -= 2.0  # "我也不知道为什么…" reports, it does not ask
     return score

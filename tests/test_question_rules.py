@@ -103,8 +103,12 @@ def test_emoticon_placeholders_count_neither_as_characters_nor_as_text() -> None
 
 
 def test_borderline_shapes_land_in_the_band_not_the_threshold() -> None:
-    for text in ("这个 shape 对不上啊", "感觉没有跑起来啊", "你这配置也太豪华了吧"):
+    for text in ("这个 shape 对不上啊", "感觉没有跑起来啊", "你这配置也太豪华了吧",
+                 # weak cues: a rhetorical 不是, a request to a member, a report of not knowing
+                 "那不是变成低分辨率了", "你测下速度看看", "佬重新加下微信呗", "我也不知道是啥版本"):
         assert 3.0 <= rule_score(text) < 5.0, text
+    for text in ("好的，我再看看", "我先试试再说", "不是我写的代码"):
+        assert rule_score(text) < 3.0, text
 
 
 def test_hash_split_is_deterministic_and_about_one_third() -> None:
