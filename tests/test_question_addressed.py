@@ -3,15 +3,13 @@ forwarded whatever its question score; the same text unaddressed is not. The sec
 OpenAI-compatible loopback endpoint here) turns a borderline line into a question, or leaves it."""
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from nonebot.adapters.onebot.v11 import Message
 from nonebug import App
 
 from corefbot.pipeline.question import QuestionFilter
+from tests.loopback import chat_endpoint
 from tests.onebot_events import make_bot, reply_to
 from tests.test_resolver_plugin import BOT, assistant_for, decisions, expected_reply, say
 
@@ -70,44 +68,26 @@ async def test_a_reply_to_the_bot_with_a_low_score_is_forwarded(app: App) -> Non
     assert [r.query for r in assistant.requests] == [query]
 
 
-class _Scores(BaseHTTPRequestHandler):
-    answer = "9"
-
-    def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers["Content-Length"]))
-        payload = json.dumps({"choices": [{"message": {"content": self.answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 async def test_the_second_stage_decides_a_borderline_line(app: App) -> None:
     from corefbot.plugins.resolver import get_service
 
     service = get_service()
     now, yes_group, no_group = time.time() - 100, 1104, 1105
     for answer, group in (("9", yes_group), ("2", no_group)):
-        handler = type("Scores", (_Scores,), {"answer": answer})
-        server = HTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
         service._second = None  # a new endpoint: rebuild the stage
         try:
-            async with assistant_for(service, reply_mode="all", question_llm="http",
-                                     question_llm_url=f"http://127.0.0.1:{server.server_port}/v1") as assistant:
-                async with app.test_api() as ctx:
-                    bot = make_bot(ctx)
-                    if answer == "9":
-                        message, _ = expected_reply([], BORDERLINE, reply_id=11041, asker=21004)
-                        ctx.should_call_api("send_group_msg", {"group_id": group, "message": message},
-                                            {"message_id": 11049})
-                    await say(bot, BORDERLINE, group=group, user=21004, message_id=11041 + (answer == "2"),
-                              timestamp=now)
+            with chat_endpoint(lambda prompt, answer=answer: answer) as (url, _):
+                async with assistant_for(service, reply_mode="all", question_llm="http",
+                                         question_llm_url=url) as assistant:
+                    async with app.test_api() as ctx:
+                        bot = make_bot(ctx)
+                        if answer == "9":
+                            message, _ = expected_reply([], BORDERLINE, reply_id=11041, asker=21004)
+                            ctx.should_call_api("send_group_msg", {"group_id": group, "message": message},
+                                                {"message_id": 11049})
+                        await say(bot, BORDERLINE, group=group, user=21004, message_id=11041 + (answer == "2"),
+                                  timestamp=now)
         finally:
-            server.shutdown()
             service._second = None
         if answer == "9":
             assert len(assistant.requests) == 1

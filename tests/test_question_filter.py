@@ -58,43 +58,19 @@ def test_llm_scores_are_parsed_and_clamped() -> None:
 
 def test_second_stage_llm_scorer_over_an_openai_compatible_endpoint(store) -> None:
     """The paper's 0–10 prompt sent to a loopback chat-completions endpoint re-scores the rule candidates."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
     from corefbot.pipeline.build import build
     from corefbot.models.serve.question_llm import OpenAIScorer
     from corefbot.pipeline.records import Message
+    from tests.loopback import chat_endpoint
 
-    prompts: list[str] = []
-
-    class Endpoint(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][0]["content"]
-            prompts.append(prompt)
-            answer = "2" if "thanks" in prompt else "9"  # a model that knows thanks-with-a-question-mark is chatter
-            payload = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Endpoint)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    # a model that knows thanks-with-a-question-mark is chatter
+    with chat_endpoint(lambda prompt: "2" if "thanks" in prompt else "9") as (url, prompts):
         store.insert_messages([
             Message("p", "g", "1", "a", 0.0, "Can mmpose run on TX2?"),
             Message("p", "g", "2", "b", 60.0, "great, thanks everyone?"),
             Message("p", "g", "3", "c", 120.0, "今天天气不错啊大家"),
         ])
-        scorer = OpenAIScorer(f"http://127.0.0.1:{server.server_port}/v1")
-        build(store, scorer=scorer)
-    finally:
-        server.shutdown()
+        build(store, scorer=OpenAIScorer(url))
     scores = {m.text: (m.question_score, m.is_question) for m in store.iter_merged()}
     assert scores == {"Can mmpose run on TX2?": (9.0, True), "great, thanks everyone?": (2.0, False),
                       "今天天气不错啊大家": (0.0, False)}
