@@ -231,10 +231,13 @@ def test_nightly_from_a_gguf_base_serves_the_adapter(tmp_path: Path, tiny_gguf: 
     monkeypatch.setenv("COREFBOT_CACHE_DIR", str(tmp_path / "cache"))
     db = labelled_db(tmp_path / "corefbot.db", 60)
     before = sha(tiny_gguf)
-    report = run_nightly(db, NightlyConfig(base_model=tiny_gguf, preset="tiny", finetune_overrides=QUICK,
+    # a budget far below the planned steps: training stops at a step boundary and the run still completes
+    budget = {**QUICK, "max_steps": 100_000, "max_minutes": 0.05}
+    report = run_nightly(db, NightlyConfig(base_model=tiny_gguf, preset="tiny", finetune_overrides=budget,
                                            min_agreement=0.0, agreement_examples=8, min_new_labels=10,
                                            margin=-1.0))
     assert report.status == "promoted", report.error
+    assert "stopped by the 0.05-minute budget after" in report.summary and "of 100000 steps" in report.summary
     serving = read(db, registry.serving)
     assert serving.quant == "lora" and Path(serving.gguf_path) == Path(report.run_dir).resolve()
     served = served_model(serving.gguf_path)

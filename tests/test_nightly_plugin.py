@@ -113,15 +113,18 @@ def test_job_argv_carries_the_bot_settings(tmp_path: Path) -> None:
     from corefbot.plugins.nightly.job import job_argv
 
     cfg = Config(corefbot_base_model=tmp_path / "base", corefbot_nightly_preset="tiny",
-                 corefbot_nightly_margin=0.02, corefbot_nightly_args="--max-steps 7")
+                 corefbot_nightly_margin=0.02, corefbot_nightly_max_minutes=45, corefbot_nightly_args="--max-steps 7")
     argv = job_argv(cfg, tmp_path / "corefbot.db", trigger="schedule", force=True)
     assert argv[:3] == [sys.executable, "-m", "corefbot.cli"]
     from corefbot.cli import build_parser
 
     args = build_parser().parse_args(argv[3:])
     assert (args.command, args.now, args.json, args.force, args.trigger) == ("nightly", True, True, True, "schedule")
-    assert (args.db, args.base, args.preset, args.margin, args.max_steps) == \
-        (str(tmp_path / "corefbot.db"), str(tmp_path / "base"), "tiny", 0.02, 7)
+    assert (args.db, args.base, args.preset, args.margin, args.max_steps, args.max_minutes) == \
+        (str(tmp_path / "corefbot.db"), str(tmp_path / "base"), "tiny", 0.02, 7, 45)
+    from corefbot.commands.nightly import config_from
+
+    assert config_from(args).finetune_overrides == {"max_steps": 7, "max_minutes": 45}
 
 
 # ---- /model ---------------------------------------------------------------------------------------

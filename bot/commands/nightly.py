@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-agreement", type=float, help="quantized-vs-merged decision agreement needed to promote "
                                                        "(default COREFBOT_NIGHTLY_MIN_AGREEMENT)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides the preset)")
+    p.add_argument("--max-minutes", type=float,
+                   help="training budget in minutes (default COREFBOT_NIGHTLY_MAX_MINUTES; 0: none)")
     p.add_argument("--eval-max-examples", type=int, help="cap on evaluated test examples (overrides the preset)")
     p.add_argument("--keep-runs", type=int, help="run folders kept (default COREFBOT_NIGHTLY_KEEP_RUNS; older ones go "
                                                   "unless the registry still serves or may roll back to them)")
@@ -60,8 +62,9 @@ def config_from(args: argparse.Namespace) -> Any:
     def pick(option: Any, setting: Any) -> Any:
         return setting if option is None else option
 
-    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("eval_max_examples", args.eval_max_examples))
-                 if v is not None}
+    minutes = pick(args.max_minutes, settings.corefbot_nightly_max_minutes) or None
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("eval_max_examples", args.eval_max_examples),
+                                   ("max_minutes", minutes)) if v is not None}
     base, work = pick(args.base, settings.corefbot_base_model), pick(args.work_dir, settings.corefbot_nightly_dir)
     return NightlyConfig(
         base_model=Path(base).expanduser() if base else None, work_dir=Path(work).expanduser() if work else None,

@@ -270,6 +270,7 @@ class _State:
     gguf_path: str = ""
     agreement: float | None = None
     version_id: int | None = None
+    budget_stop: str = ""  # how the training budget ended training, when it did
     seconds: dict[str, float] = field(default_factory=dict)
 
     def report(self, status: Status, summary: str, margin: float, reason: str = "", error: str = "") -> NightlyReport:
@@ -380,6 +381,10 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
     t = time.perf_counter()
     result = finetune_run(base, data_path, run_dir, cfg, progress=config.progress)
     state.seconds["train"] = time.perf_counter() - t
+    trained = result.metrics["train"]
+    if trained.get("stopped_on_budget"):
+        state.budget_stop = (f", stopped by the {cfg.max_minutes:g}-minute budget after {trained['steps']} of "
+                             f"{trained['planned_steps']} steps")
     split = split_examples(load_examples(data_path), seed=cfg.split_seed, fractions=cfg.split_fractions)
     state.sides = (len(split.train), len(split.validation), len(split.test))
     state.f1_after = float(result.metrics["test"]["decision"]["f1"]["mean"])
@@ -535,7 +540,7 @@ def _trained_sentence(state: _State, config: NightlyConfig, preset: str, base: P
     minutes = state.seconds.get("train", 0.0) / 60
     return (f"Nightly retrain ({config.trigger}): {state.labels} labels ({state.new_labels} new, "
             f"{state.needs} needing resolution); LoRA on {base.name} ({preset} preset) trained on {train} examples "
-            f"in {minutes:.1f} min; on {test} held-out test questions (all option orders) decision F1 "
+            f"in {minutes:.1f} min{state.budget_stop}; on {test} held-out test questions (all option orders) decision F1 "
             f"{_pct(state.f1_before)} ({state.baseline}) → {_pct(state.f1_after)} "
             f"({_signed_points((state.f1_after or 0) - (state.f1_before or 0))} points; "
             f"promotion needs {_signed_points(config.margin)}).")

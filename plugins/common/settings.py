@@ -240,7 +240,7 @@ class NightlySettings(CommonConfig):
     corefbot_base_model: Path | None = Field(
         None, description="base model: a Hugging Face folder or a GGUF (dequantized once, cached in "
                           "`COREFBOT_CACHE_DIR`); without it the nightly job is off")
-    corefbot_nightly_preset: str = Field(_JOB.preset, description="finetune preset (`paper`, `paper-7b`, `tiny`) or a YAML file")
+    corefbot_nightly_preset: str = Field(_JOB.preset, description="finetune preset (`paper`, `paper-7b`, `seed-cpu` on a CPU, `tiny`) or a YAML file")
     corefbot_nightly_min_new_labels: int = Field(
         _JOB.min_new_labels, description="fewer new or changed labels since the last trained run: skip with a note")
     corefbot_nightly_margin: float = Field(_JOB.margin, description="test-split F1 gain needed to promote")
@@ -249,6 +249,9 @@ class NightlySettings(CommonConfig):
         _JOB.min_agreement, description="quantized-vs-merged decision agreement needed to promote")
     corefbot_nightly_keep_runs: int = Field(
         _JOB.keep_runs, description="run folders kept (plus any the registry serves or may roll back to)")
+    corefbot_nightly_max_minutes: float | None = Field(
+        90.0, description="training budget: the run stops at a step boundary and still evaluates, checks and "
+                          "exports, so a CPU run ends in time; `0`: no budget")
     corefbot_nightly_dir: Path | None = Field(
         None, description="run folders and the lock; unset: `nightly/` beside the database")
     corefbot_nightly_args: str = Field("", description="extra `corefbot nightly` options, e.g. `--max-steps 400`")

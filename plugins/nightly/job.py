@@ -68,6 +68,8 @@ def job_argv(config: Config, db_path: str | Path, *, trigger: str, force: bool =
             "--margin", str(config.corefbot_nightly_margin), "--quant", config.corefbot_nightly_quant,
             "--min-agreement", str(config.corefbot_nightly_min_agreement),
             "--keep-runs", str(config.corefbot_nightly_keep_runs)]
+    if config.corefbot_nightly_max_minutes:
+        argv += ["--max-minutes", str(config.corefbot_nightly_max_minutes)]
     if config.corefbot_base_model:
         argv += ["--base", str(config.corefbot_base_model)]
     if config.corefbot_nightly_dir:
