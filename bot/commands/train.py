@@ -58,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sets", nargs="+", help="only these sets (task, canard, rewrite_zh, cases_en, …)")
     p.add_argument("--no-rewrites", action="store_true", help="decisions only")
     p.add_argument("--report", metavar="OUT.json")
+    _engine_options(p)
     p.set_defaults(func=cmd_seed_eval)
 
     p = sub.add_parser("export-gguf", help="merge a run's adapter, convert to GGUF, quantize, check, register")
@@ -90,7 +91,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="all labelled examples (base ladders) or only the test split (fine-tuned models)")
     p.add_argument("--max-examples", type=int, help="evaluate a deterministic subset of this size")
     p.add_argument("--device", default="auto")
+    _engine_options(p)
     p.set_defaults(func=cmd_scaling_check)
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["auto", "hf", "llama"], default="auto",
+                   help="llama: as served, through llama.cpp (fast on a CPU; a run folder with its adapter.gguf); "
+                        "hf: PyTorch (a GGUF through its float conversion); auto: llama for a GGUF file, else hf")
+    p.add_argument("--threads", type=int, help="llama.cpp threads")
 
 
 def _pct(stat: dict) -> str:
@@ -169,21 +178,27 @@ def cmd_seed_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown held-out set(s) {', '.join(unknown)}; known: {', '.join(heldout)}")
         heldout = {k: v for k, v in heldout.items() if k in args.sets}
     return _print_figures(Path(args.model), heldout, args.per_set, rewrites=not args.no_rewrites,
-                          report=Path(args.report) if args.report else None)
+                          report=Path(args.report) if args.report else None, engine=args.engine,
+                          n_threads=args.threads)
 
 
-def _print_figures(model: Path, heldout: dict, per_set: int, *, rewrites: bool, report: Path | None) -> int:
+def _print_figures(model: Path, heldout: dict, per_set: int, *, rewrites: bool, report: Path | None,
+                   engine: str = "auto", n_threads: int | None = None) -> int:
     import time
 
     from corefbot.models.train.seed import format_figures, heldout_figures
 
     start = time.perf_counter()
-    rows = heldout_figures(model, heldout, per_set=per_set, rewrites=rewrites, progress=True)
+    rows = heldout_figures(model, heldout, per_set=per_set, rewrites=rewrites, progress=True,
+                           engine=engine, n_threads=n_threads)  # type: ignore[arg-type]
     print(format_figures(rows, model.name))
     print(f"evaluated    {sum(r.examples for r in rows)} held-out examples x 6 option orders in "
           f"{time.perf_counter() - start:.0f} s")
     if report is not None:
-        report.write_text(json.dumps({"model": str(model), "per_set": per_set, "sets": [r.to_dict() for r in rows]},
+        from corefbot.models.train.evaluate_gguf import pick_engine
+
+        report.write_text(json.dumps({"model": str(model), "engine": pick_engine(model, engine),  # type: ignore[arg-type]
+                                      "per_set": per_set, "sets": [r.to_dict() for r in rows]},
                                      indent=2, ensure_ascii=False, default=str))
         print(f"report       {report}")
     return 0
@@ -237,7 +252,8 @@ def cmd_scaling_check(args: argparse.Namespace) -> int:
     if args.split == "test":
         examples = list(split_examples(examples).test)
     examples = subset(examples, args.max_examples)
-    report = scaling_check(args.models, examples, metric=args.metric, device=args.device)
+    report = scaling_check(args.models, examples, metric=args.metric, device=args.device, engine=args.engine,
+                           n_threads=args.threads)
     print(format_table(report))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
 from corefbot.models.serve.types import Resolution
-from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, build_prompt, chatml_prefix
+from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, Prompt, build_prompt, chatml_prefix
 from corefbot.pipeline.records import Decision, Turn
 
 log = logging.getLogger(__name__)
@@ -276,6 +276,19 @@ class LlamaBackend:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         job = _Job("call", None, (), submitted=time.perf_counter(), deadline=_deadline(timeout_s), fn=fn)
         return self._submit(job, timeout_s, "backend", "did not run the task")
+
+    def letter_logits(self, prompt: Prompt) -> tuple[float, ...]:
+        """The logits of the option letters A, B, C as the answer's first token for ``prompt``, in whatever
+        option order it was built (evaluation over all orders; serving asks in SERVE_ORDER through
+        :meth:`resolve`). Prompts built one order after another share their header's KV."""
+        def run(job: _Job) -> tuple[float, ...]:
+            full = self._tokenize(prompt.chatml())
+            n = self._reuse(None, full)
+            self._decode(full[n:], job)
+            ptr = self._lc.llama_get_logits_ith(self._llm.ctx, -1)
+            return tuple(float(ptr[t]) for t in self._letters)
+
+        return self.call(run)
 
     def _submit(self, job: _Job, timeout_s: float | None, what: str, late: str) -> Any:
         """Queue ``job`` with the questions (bounded: :class:`BackendBusy`) and wait for its result."""

@@ -368,7 +368,12 @@ def evaluate_rewrites(model: Any, tokenizer: Any, examples: Sequence[Example], *
     needs = [e for e in examples if e.label == "needs" and e.rewrite]
     if not needs:
         return RewriteEval(0, math.nan, math.nan, ())
-    preds = generate_rewrites(model, tokenizer, needs, max_new_tokens=max_new_tokens, progress=progress)
+    return score_rewrites(needs, generate_rewrites(model, tokenizer, needs, max_new_tokens=max_new_tokens,
+                                                   progress=progress))
+
+
+def score_rewrites(needs: Sequence[Example], preds: Sequence[str]) -> RewriteEval:
+    """Exact match and token F1 (characters for Chinese) of ``preds`` against the gold rewrites of ``needs``."""
     em = statistics.fmean(exact_match(p, e.rewrite or "") for p, e in zip(preds, needs))
     f1 = statistics.fmean(token_f1(p, e.rewrite or "") for p, e in zip(preds, needs))
     samples = tuple((e.question.text, e.rewrite or "", p) for e, p in list(zip(needs, preds))[:5])

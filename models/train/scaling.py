@@ -15,10 +15,13 @@ import math
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from corefbot.models.train.evaluate import Metric, Stat
 from corefbot.pipeline.records import Example
+
+if TYPE_CHECKING:
+    from corefbot.models.train.evaluate_gguf import Engine
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +201,14 @@ def verdicts_for(rows: Sequence[ScalingRow], metric: Metric) -> tuple[Verdict, .
 
 
 def scaling_check(models: Sequence[str | Path], examples: Sequence[Example], *, metric: Metric = "precision",
-                  device: str = "auto", progress: bool = True) -> ScalingReport:
-    """Evaluate each model (and each fine-tuned model's base) on ``examples``, all option orders."""
+                  device: str = "auto", progress: bool = True, engine: "Engine" = "auto",
+                  n_threads: int | None = None) -> ScalingReport:
+    """Evaluate each model (and each fine-tuned model's base) on ``examples``, all option orders; a GGUF
+    under llama.cpp unless ``engine`` says otherwise (see :func:`corefbot.models.train.evaluate_gguf.pick_engine`)."""
     import gc
 
     from corefbot.models.train.evaluate import evaluate_decisions, load_model
+    from corefbot.models.train.evaluate_gguf import evaluate_decisions_gguf, open_backend, pick_engine
 
     if not models:
         raise ValueError("scaling-check needs at least one model folder")
@@ -214,11 +220,15 @@ def scaling_check(models: Sequence[str | Path], examples: Sequence[Example], *, 
         key = str(path.resolve())
         if key not in cache:
             log.info("evaluating %s on %d examples x 6 option orders", path, len(examples))
-            model, tok = load_model(path, device=device)
-            ev = evaluate_decisions(model, tok, examples, progress=progress)
+            if pick_engine(path, engine) == "llama":
+                with open_backend(path, n_threads) as backend:
+                    ev = evaluate_decisions_gguf(backend, examples, progress=progress)
+            else:
+                model, tok = load_model(path, device=device)
+                ev = evaluate_decisions(model, tok, examples, progress=progress)
+                del model
+                gc.collect()
             cache[key] = {m: ev.stat(m) for m in ("precision", "recall", "f1")}
-            del model
-            gc.collect()
         return cache[key]
 
     rows = []

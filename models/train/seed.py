@@ -26,9 +26,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from corefbot.pipeline.records import Example
+
+if TYPE_CHECKING:
+    from corefbot.models.train.evaluate_gguf import Engine
 
 log = logging.getLogger(__name__)
 
@@ -171,27 +174,48 @@ def as_asked(examples: Sequence[Example]) -> dict[str, float]:
 
 
 def heldout_figures(model: str | Path, heldout: dict[str, Path], *, per_set: int = 60, rewrites: bool = True,
-                    max_new_tokens: int = 40, progress: bool = False) -> list[SetFigures]:
-    """Evaluate ``model`` (a run folder, a Hugging Face folder or a GGUF) on each held-out set."""
-    from corefbot.models.train.eval_resolver import evaluate as eval_backend
+                    max_new_tokens: int = 40, progress: bool = False, engine: "Engine" = "auto",
+                    n_threads: int | None = None) -> list[SetFigures]:
+    """Evaluate ``model`` (a run folder, a Hugging Face folder or a GGUF) on each held-out set, under PyTorch
+    or, as served, under llama.cpp (``engine``: see :func:`corefbot.models.train.evaluate_gguf.pick_engine`)."""
+    from contextlib import ExitStack
+
     from corefbot.models.train.evaluate import evaluate, load_model
+    from corefbot.models.train.evaluate_gguf import evaluate_gguf, open_backend, pick_engine
     from corefbot.models.train.finetune import subset
     from corefbot.pipeline.examples import load_examples
 
-    hf, tok = load_model(model, device="cpu")
     out: list[SetFigures] = []
     langs = {s.name: s.lang for s in SEED_SETS}
-    for name, path in heldout.items():
-        examples = subset(load_examples(path), per_set)
-        if not examples:
-            continue
-        log.info("held-out %s: %d examples", name, len(examples))
-        report = evaluate(hf, tok, examples, rewrites=rewrites, max_new_tokens=max_new_tokens, progress=progress)
-        rules = eval_backend(examples, "rules", progress=False)
-        rules = {"decision": rules["decision"], "rewrite": rules["rewrite"]}
-        out.append(SetFigures(name, langs.get(name, "?"), len(examples), sum(e.label == "needs" for e in examples),
-                              report, rules, as_asked(examples)))
+    with ExitStack() as stack:
+        if pick_engine(model, engine) == "llama":
+            backend = stack.enter_context(open_backend(model, n_threads))
+
+            def report_of(examples: list[Example]) -> dict[str, Any]:
+                return evaluate_gguf(backend, examples, rewrites=rewrites, progress=progress)
+        else:
+            hf, tok = load_model(model, device="cpu")
+
+            def report_of(examples: list[Example]) -> dict[str, Any]:
+                return evaluate(hf, tok, examples, rewrites=rewrites, max_new_tokens=max_new_tokens,
+                                progress=progress)
+
+        for name, path in heldout.items():
+            examples = subset(load_examples(path), per_set)
+            if not examples:
+                continue
+            log.info("held-out %s: %d examples", name, len(examples))
+            out.append(_set_figures(name, langs.get(name, "?"), examples, report_of(examples)))
     return out
+
+
+def _set_figures(name: str, lang: str, examples: list[Example], report: dict[str, Any]) -> SetFigures:
+    """One set's row: the model's report beside the rules backend and the question as asked."""
+    from corefbot.models.train.eval_resolver import evaluate as eval_backend
+
+    rules = eval_backend(examples, "rules", progress=False)
+    return SetFigures(name, lang, len(examples), sum(e.label == "needs" for e in examples), report,
+                      {"decision": rules["decision"], "rewrite": rules["rewrite"]}, as_asked(examples))
 
 
 def format_figures(rows: Sequence[SetFigures], model_name: str = "model") -> str:

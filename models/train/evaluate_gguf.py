@@ -1,0 +1,78 @@
+"""Evaluation through llama.cpp: the same report as :func:`corefbot.models.train.evaluate.evaluate`, for
+what is actually served — a GGUF, or a run folder's base GGUF with its ``adapter.gguf``.
+
+On a CPU this is the fast route (a Q4_K_M 1.5B answers in about a second where its float32 conversion
+under PyTorch takes ten), so the scaling check and the seed recipe's figures can cover real models.
+Decisions: the letters' logits after each prompt, in all six option orders (order after order, so
+consecutive prompts share their header's KV). Rewrites: the served path itself
+(:meth:`~corefbot.models.serve.llama.LlamaBackend.resolve` with ``rewrite="always"``: the "needs" letter,
+then one greedy line under the rewrite grammar).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+from corefbot.models.train.evaluate import DecisionEval, RewriteEval, decide, score_decisions, score_rewrites
+from corefbot.pipeline.prompt import ALL_ORDERS, Order, build_prompt
+from corefbot.pipeline.records import Decision, Example
+
+if TYPE_CHECKING:
+    from corefbot.models.serve.llama import LlamaBackend
+
+Engine = Literal["auto", "hf", "llama"]
+
+
+def pick_engine(model: str | Path, engine: Engine = "auto") -> Literal["hf", "llama"]:
+    """``auto``: llama.cpp for a GGUF file, PyTorch for a folder (a run folder's trained adapter)."""
+    if engine == "auto":
+        return "llama" if Path(model).is_file() else "hf"
+    if engine not in ("hf", "llama"):
+        raise ValueError(f"engine must be 'auto', 'hf' or 'llama', not {engine!r}")
+    return engine
+
+
+def open_backend(model: str | Path, n_threads: int | None = None) -> "LlamaBackend":
+    """A backend for evaluation: no serving timeout (a slow machine must not count answers as failed)."""
+    from corefbot.models.serve.llama import LlamaBackend
+
+    return LlamaBackend(model, n_threads=n_threads, n_ctx=4096, timeout_s=None, max_queue=1)
+
+
+def evaluate_decisions_gguf(backend: "LlamaBackend", examples: Sequence[Example],
+                            orders: Sequence[Order] = ALL_ORDERS, *, progress: bool = False) -> DecisionEval:
+    from tqdm import tqdm
+
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    predicted: dict[Order, list[Decision]] = {}
+    bar = tqdm(total=len(orders) * len(examples), desc="deciding", unit="prompt", disable=not progress, leave=False)
+    for order in orders:
+        for e in examples:
+            prompt = build_prompt(e.window, e.question, order)
+            predicted.setdefault(order, []).append(decide(prompt, backend.letter_logits(prompt)))
+            bar.update()
+    bar.close()
+    return score_decisions(examples, predicted)
+
+
+def evaluate_rewrites_gguf(backend: "LlamaBackend", examples: Sequence[Example], *,
+                           progress: bool = False) -> RewriteEval:
+    from tqdm import tqdm
+
+    needs = [e for e in examples if e.label == "needs" and e.rewrite]
+    if not needs:
+        return RewriteEval(0, math.nan, math.nan, ())
+    return score_rewrites(needs, [backend.resolve(e.window, e.question, rewrite="always").rewrite or ""
+                                  for e in tqdm(needs, desc="rewriting", unit="question", disable=not progress,
+                                                leave=False)])
+
+
+def evaluate_gguf(backend: "LlamaBackend", examples: Sequence[Example], *, rewrites: bool = True,
+                  progress: bool = False) -> dict[str, Any]:
+    """The report :func:`corefbot.models.train.evaluate.evaluate` gives, from the served model."""
+    report: dict[str, Any] = {"decision": evaluate_decisions_gguf(backend, examples, progress=progress).summary()}
+    if rewrites:
+        report["rewrite"] = evaluate_rewrites_gguf(backend, examples, progress=progress).summary()
+    return report
