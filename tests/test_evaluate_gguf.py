@@ -49,6 +49,26 @@ def test_report_over_all_orders_and_served_rewrites(tiny_gguf: Path) -> None:
     assert 0.0 <= report["rewrite"]["token_f1"] <= 1.0
 
 
+def test_deciding_by_the_rewrite(tiny_gguf: Path) -> None:
+    """decide_by="rewrite": needs resolution exactly when the served rewrite differs from the question; the
+    evaluation then asks once per question (one order)."""
+    from corefbot.models.serve.llama import LlamaBackend
+    from corefbot.pipeline.metrics import exact_match
+
+    examples = chat_examples(6)
+    with pytest.raises(ValueError, match="decide_by"):
+        LlamaBackend(tiny_gguf, decide_by="vibes")  # type: ignore[arg-type]
+    with open_backend(tiny_gguf, n_threads=2, decide_by="rewrite") as backend:
+        for e in examples:
+            res = backend.resolve(e.window, e.question, rewrite="always")
+            changed = bool(res.rewrite) and not exact_match(res.rewrite or "", e.question.text)
+            assert res.decision == ("needs" if changed else "not_needed")
+            auto = backend.resolve(e.window, e.question)
+            assert auto.decision == res.decision and (auto.rewrite is None) == (res.decision != "needs")
+        ev = evaluate_decisions_gguf(backend, examples)
+    assert [r.order for r in ev.per_order] == [SERVE_ORDER]
+
+
 @pytest.mark.slow
 def test_scaling_check_and_seed_figures_on_a_gguf(tiny_gguf: Path, tmp_path: Path, capsys) -> None:
     from corefbot.cli import main

@@ -114,3 +114,18 @@ def test_run_folder_is_a_model_name_everywhere(gguf_run: Path, tiny_gguf: Path, 
     bad = registry.register(store, gguf_path=bare)
     with pytest.raises(registry.RegistryError, match="not a finetune run folder"):
         registry.promote(store, bad.id)
+
+
+def test_a_run_folder_in_a_llama_ladder_is_measured_as_served(gguf_run: Path, tiny_gguf: Path) -> None:
+    """scaling-check --engine llama: the run folder is its base GGUF + adapter.gguf, its improvement is over
+    that base GGUF (not the float folder it was trained on)."""
+    from corefbot.models.ship.lora import export_lora
+    from corefbot.models.train.scaling import scaling_check
+    from tests.test_finetune import chat_examples
+
+    if not (gguf_run / "adapter.gguf").is_file():
+        export_lora(gguf_run, max_examples=0)
+    report = scaling_check([tiny_gguf, gguf_run], chat_examples(4), engine="llama", n_threads=1, progress=False)
+    base, tuned = report.rows
+    assert (base.kind, base.path, tuned.kind, tuned.base) == ("base", str(tiny_gguf), "fine-tuned", tiny_gguf.name)
+    assert tuned.improvement["f1"] == pytest.approx(tuned.stats["f1"].mean - base.stats["f1"].mean)

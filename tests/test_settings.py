@@ -116,10 +116,10 @@ def test_hot_swap_keeps_the_configured_threads_and_gate(tmp_path: Path, tiny_ggu
     doc["meta"] = {"retrained": "for this deployment"}
     retrained.write_text(json.dumps(doc), encoding="utf-8")
     shutil.copy(tiny_gguf, tmp_path / "served.gguf")
-    resolver = swap_loader(ResolverSettings(corefbot_resolver_threads=1, corefbot_gate_path=retrained))(
-        str(tmp_path / "served.gguf"))
+    resolver = swap_loader(ResolverSettings(corefbot_resolver_threads=1, corefbot_gate_path=retrained,
+                                            corefbot_decide_by="rewrite"))(str(tmp_path / "served.gguf"))
     try:
-        assert resolver.backend.n_threads == 1
+        assert resolver.backend.n_threads == 1 and resolver.backend.decide_by == "rewrite"
         assert resolver.gate.meta == {"retrained": "for this deployment"}
     finally:
         resolver.close()

@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-rewrites", action="store_true", help="decisions only")
     p.add_argument("--report", metavar="OUT.json")
     _engine_options(p)
+    p.add_argument("--decide-by", choices=["letter", "rewrite"], default="letter",
+                   help="rewrite: needs resolution when the served model's rewrite differs from the question "
+                        "(COREFBOT_DECIDE_BY; with --engine llama)")
     p.set_defaults(func=cmd_seed_eval)
 
     p = sub.add_parser("export-gguf", help="merge a run's adapter, convert to GGUF, quantize, check, register")
@@ -179,25 +182,26 @@ def cmd_seed_eval(args: argparse.Namespace) -> int:
         heldout = {k: v for k, v in heldout.items() if k in args.sets}
     return _print_figures(Path(args.model), heldout, args.per_set, rewrites=not args.no_rewrites,
                           report=Path(args.report) if args.report else None, engine=args.engine,
-                          n_threads=args.threads)
+                          n_threads=args.threads, decide_by=args.decide_by)
 
 
 def _print_figures(model: Path, heldout: dict, per_set: int, *, rewrites: bool, report: Path | None,
-                   engine: str = "auto", n_threads: int | None = None) -> int:
+                   engine: str = "auto", n_threads: int | None = None, decide_by: str = "letter") -> int:
     import time
 
     from corefbot.models.train.seed import format_figures, heldout_figures
 
     start = time.perf_counter()
     rows = heldout_figures(model, heldout, per_set=per_set, rewrites=rewrites, progress=True,
-                           engine=engine, n_threads=n_threads)  # type: ignore[arg-type]
+                           engine=engine, n_threads=n_threads, decide_by=decide_by)  # type: ignore[arg-type]
     print(format_figures(rows, model.name))
-    print(f"evaluated    {sum(r.examples for r in rows)} held-out examples x 6 option orders in "
+    print(f"evaluated    {sum(r.examples for r in rows)} held-out examples (decided by the {decide_by}) in "
           f"{time.perf_counter() - start:.0f} s")
     if report is not None:
         from corefbot.models.train.evaluate_gguf import pick_engine
 
         report.write_text(json.dumps({"model": str(model), "engine": pick_engine(model, engine),  # type: ignore[arg-type]
+                                      "decide_by": decide_by,
                                       "per_set": per_set, "sets": [r.to_dict() for r in rows]},
                                      indent=2, ensure_ascii=False, default=str))
         print(f"report       {report}")

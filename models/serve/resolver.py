@@ -12,10 +12,13 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from corefbot.models.serve.types import BACKENDS, Backend, BackendName, Resolution
 from corefbot.pipeline.records import Turn
+
+if TYPE_CHECKING:
+    from corefbot.models.serve.llama import DecideBy
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ SERVING_TIMEOUT_S = 30.0  # a member is waiting: a later answer is worse than no
 
 def load_backend(name: BackendName, *, model_path: str | None = None, url: str | None = None,
                  http_model: str = "default", api_key: str | None = None, n_threads: int | None = None,
-                 gate_path: str | Path | None = None, timeout_s: float | None = SERVING_TIMEOUT_S) -> Backend:
+                 gate_path: str | Path | None = None, timeout_s: float | None = SERVING_TIMEOUT_S,
+                 decide_by: "DecideBy" = "letter") -> Backend:
     """Build one backend; raises ``ValueError``/``FileNotFoundError`` naming what is wrong.
     ``gate_path``: a retrained gate (the rules backend decides with its classifier). ``model_path``: a
     GGUF or a finetune run folder. ``timeout_s``: how long a model call may take; ``None`` waits (an
@@ -72,7 +76,7 @@ def load_backend(name: BackendName, *, model_path: str | None = None, url: str |
             raise ValueError("the llama-cpp backend needs a GGUF model path or a run folder (COREFBOT_MODEL_PATH or --model)")
         from corefbot.models.serve.llama import LlamaBackend
 
-        return LlamaBackend(model_path, n_threads=n_threads, timeout_s=timeout_s)
+        return LlamaBackend(model_path, n_threads=n_threads, timeout_s=timeout_s, decide_by=decide_by)
     if name == "http":
         if not url:
             raise ValueError("the http backend needs an OpenAI-compatible base URL (COREFBOT_RESOLVER_URL or --url)")

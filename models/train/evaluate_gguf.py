@@ -4,7 +4,8 @@ what is actually served — a GGUF, or a run folder's base GGUF with its ``adapt
 On a CPU this is the fast route (a Q4_K_M 1.5B answers in about a second where its float32 conversion
 under PyTorch takes ten), so the scaling check and the seed recipe's figures can cover real models.
 Decisions: the letters' logits after each prompt, in all six option orders (order after order, so
-consecutive prompts share their header's KV). Rewrites: the served path itself
+consecutive prompts share their header's KV); a backend that decides by the rewrite is asked once per
+question (the options play no part). Rewrites: the served path itself
 (:meth:`~corefbot.models.serve.llama.LlamaBackend.resolve` with ``rewrite="always"``: the "needs" letter,
 then one greedy line under the rewrite grammar).
 """
@@ -15,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from corefbot.models.train.evaluate import DecisionEval, RewriteEval, decide, score_decisions, score_rewrites
-from corefbot.pipeline.prompt import ALL_ORDERS, Order, build_prompt
+from corefbot.pipeline.prompt import ALL_ORDERS, SERVE_ORDER, Order, build_prompt
 from corefbot.pipeline.records import Decision, Example
 
 if TYPE_CHECKING:
-    from corefbot.models.serve.llama import LlamaBackend
+    from corefbot.models.serve.llama import DecideBy, LlamaBackend
 
 Engine = Literal["auto", "hf", "llama"]
 
@@ -33,11 +34,11 @@ def pick_engine(model: str | Path, engine: Engine = "auto") -> Literal["hf", "ll
     return engine
 
 
-def open_backend(model: str | Path, n_threads: int | None = None) -> "LlamaBackend":
+def open_backend(model: str | Path, n_threads: int | None = None, decide_by: "DecideBy" = "letter") -> "LlamaBackend":
     """A backend for evaluation: no serving timeout (a slow machine must not count answers as failed)."""
     from corefbot.models.serve.llama import LlamaBackend
 
-    return LlamaBackend(model, n_threads=n_threads, n_ctx=4096, timeout_s=None, max_queue=1)
+    return LlamaBackend(model, n_threads=n_threads, n_ctx=4096, timeout_s=None, max_queue=1, decide_by=decide_by)
 
 
 def evaluate_decisions_gguf(backend: "LlamaBackend", examples: Sequence[Example],
@@ -46,6 +47,11 @@ def evaluate_decisions_gguf(backend: "LlamaBackend", examples: Sequence[Example]
 
     if not examples:
         raise ValueError("no examples to evaluate")
+    if backend.decide_by == "rewrite":
+        # The rewrite decides and the options play no part: one "order", the served one.
+        return score_decisions(examples, {SERVE_ORDER: [
+            backend.resolve(e.window, e.question).decision
+            for e in tqdm(examples, desc="deciding", unit="question", disable=not progress, leave=False)]})
     predicted: dict[Order, list[Decision]] = {}
     bar = tqdm(total=len(orders) * len(examples), desc="deciding", unit="prompt", disable=not progress, leave=False)
     for order in orders:

@@ -112,11 +112,13 @@ def count_parameters(model_dir: str | Path) -> int:
     return total
 
 
-def _base_of(model_dir: Path) -> Path | None:
+def _base_of(model_dir: Path, gguf: bool = False) -> Path | None:
+    """A run folder's base: its float folder, or with ``gguf`` the GGUF it was trained from (when it was)."""
     if (model_dir / "adapter").is_dir() and (model_dir / "config.yaml").is_file():
         import yaml
 
-        return Path(yaml.safe_load((model_dir / "config.yaml").read_text())["base"])
+        config = yaml.safe_load((model_dir / "config.yaml").read_text())
+        return Path(config["base_gguf"] if gguf and config.get("base_gguf") else config["base"])
     return None
 
 
@@ -234,7 +236,7 @@ def scaling_check(models: Sequence[str | Path], examples: Sequence[Example], *, 
     rows = []
     for m in models:
         path = Path(m)
-        base = _base_of(path)
+        base = _base_of(path, gguf=pick_engine(path, engine) == "llama")
         stats = stats_of(path)
         if base is None:
             rows.append(ScalingRow(path.name, str(path), "base", count_parameters(path), stats))

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from corefbot.pipeline.records import Example
 
 if TYPE_CHECKING:
+    from corefbot.models.serve.llama import DecideBy
     from corefbot.models.train.evaluate_gguf import Engine
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def as_asked(examples: Sequence[Example]) -> dict[str, float]:
 
 def heldout_figures(model: str | Path, heldout: dict[str, Path], *, per_set: int = 60, rewrites: bool = True,
                     max_new_tokens: int = 40, progress: bool = False, engine: "Engine" = "auto",
-                    n_threads: int | None = None) -> list[SetFigures]:
+                    n_threads: int | None = None, decide_by: "DecideBy" = "letter") -> list[SetFigures]:
     """Evaluate ``model`` (a run folder, a Hugging Face folder or a GGUF) on each held-out set, under PyTorch
     or, as served, under llama.cpp (``engine``: see :func:`corefbot.models.train.evaluate_gguf.pick_engine`)."""
     from contextlib import ExitStack
@@ -189,11 +190,13 @@ def heldout_figures(model: str | Path, heldout: dict[str, Path], *, per_set: int
     langs = {s.name: s.lang for s in SEED_SETS}
     with ExitStack() as stack:
         if pick_engine(model, engine) == "llama":
-            backend = stack.enter_context(open_backend(model, n_threads))
+            backend = stack.enter_context(open_backend(model, n_threads, decide_by))
 
             def report_of(examples: list[Example]) -> dict[str, Any]:
                 return evaluate_gguf(backend, examples, rewrites=rewrites, progress=progress)
         else:
+            if decide_by != "letter":
+                raise ValueError("deciding by the rewrite is a served (llama.cpp) mode: use engine 'llama'")
             hf, tok = load_model(model, device="cpu")
 
             def report_of(examples: list[Example]) -> dict[str, Any]:

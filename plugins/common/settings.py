@@ -108,6 +108,10 @@ class ResolverSettings(BaseModel):
     corefbot_resolver_model: str = Field("default", description="model name sent to the `http` backend")
     corefbot_resolver_key: str | None = Field(None, description="bearer key for the `http` backend")
     corefbot_resolver_threads: int | None = Field(None, description="llama.cpp threads; unset: the backend's choice")
+    corefbot_decide_by: Literal["letter", "rewrite"] = Field(
+        "letter", description="how `llama-cpp` decides: `letter` (the option letters, the paper's way) or `rewrite` "
+                              "(needs resolution when the model's rewrite differs from the question; better with a "
+                              "fine-tuned adapter, see README \"Real Qwen\", at a rewrite's cost on every question)")
     corefbot_gate_path: Path | None = Field(None, description="a retrained gate; unset: the shipped one")
     corefbot_resolve_all: bool = Field(
         True, description="also resolve and record questions the bot will not answer (they feed the label queue)")
@@ -240,7 +244,7 @@ class NightlySettings(CommonConfig):
     corefbot_base_model: Path | None = Field(
         None, description="base model: a Hugging Face folder or a GGUF (dequantized once, cached in "
                           "`COREFBOT_CACHE_DIR`); without it the nightly job is off")
-    corefbot_nightly_preset: str = Field(_JOB.preset, description="finetune preset (`paper`, `paper-7b`, `seed-cpu` on a CPU, `tiny`) or a YAML file")
+    corefbot_nightly_preset: str = Field(_JOB.preset, description="finetune preset (`paper`, `paper-7b`, `nightly-cpu` on a CPU, `tiny`) or a YAML file")
     corefbot_nightly_min_new_labels: int = Field(
         _JOB.min_new_labels, description="fewer new or changed labels since the last trained run: skip with a note")
     corefbot_nightly_margin: float = Field(_JOB.margin, description="test-split F1 gain needed to promote")
