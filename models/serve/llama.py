@@ -58,7 +58,8 @@ RewriteMode = Literal["auto", "always", "never"]
 #: model rewrites every question after the "needs" letter and the question needs resolution exactly when
 #: its rewrite differs from it (words, or characters for Chinese, compared without punctuation). Measured
 #: on the seed recipe's held-out sets, a fine-tuned 0.5B rewrites well long before its letters carry the
-#: decision (README, "Real Qwen"); the price is a rewrite's generation time on every question.
+#: decision (README, "Real Qwen"); the price is a rewrite's generation time on every question. ``probs``
+#: (and so the margin the labels plugin asks and queues by) stay the letters' in both modes.
 DecideBy = Literal["letter", "rewrite"]
 
 
