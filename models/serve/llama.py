@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
 from corefbot.models.serve.types import Resolution
+from corefbot.pipeline.metrics import exact_match
 from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, Prompt, build_prompt, chatml_prefix
 from corefbot.pipeline.records import Decision, Turn
 
@@ -296,8 +297,7 @@ class LlamaBackend:
             full = self._tokenize(prompt.chatml())
             n = self._reuse(None, full)
             self._decode(full[n:], job)
-            ptr = self._lc.llama_get_logits_ith(self._llm.ctx, -1)
-            return tuple(float(ptr[t]) for t in self._letters)
+            return tuple(self._letter_logits())
 
         return self.call(run)
 
@@ -545,17 +545,19 @@ class LlamaBackend:
             self._decode([letter, self._nl], job)
             rewrite = self._generate_line(job)
         if self.decide_by == "rewrite":
-            from corefbot.pipeline.metrics import exact_match
-
             decision = "needs" if rewrite and not exact_match(rewrite, job.question.text) else "not_needed"
             if decision != "needs" and job.rewrite != "always":
                 rewrite = None
         self.last_decision_ms = (time.perf_counter() - job.submitted) * 1000
         return Resolution(decision, probs, rewrite, backend=self.name)
 
-    def _option_probs(self) -> dict[Decision, float]:
+    def _letter_logits(self) -> list[float]:
+        """The option letters' logits at the last evaluated position."""
         ptr = self._lc.llama_get_logits_ith(self._llm.ctx, -1)
-        logits = [float(ptr[t]) for t in self._letters]
+        return [float(ptr[t]) for t in self._letters]
+
+    def _option_probs(self) -> dict[Decision, float]:
+        logits = self._letter_logits()
         top = max(logits)
         exps = [math.exp(x - top) for x in logits]
         total = sum(exps)
