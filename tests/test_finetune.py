@@ -159,6 +159,33 @@ def test_fit_learns_and_loraplus_runs(tiny_hf: Path) -> None:
     assert fit(plus, data, progress=False).steps == 2
 
 
+def test_training_continues_from_a_saved_adapter(tiny_hf: Path, tmp_path: Path) -> None:
+    """init_adapter starts from a run's adapter (same losses as where it stopped, still trainable); an
+    adapter of another shape is refused by name."""
+    from corefbot.models.train.evaluate import response_losses
+    from corefbot.models.train.finetune import fit, setup
+
+    exs = chat_examples(8)
+    first = setup(tiny_hf, load_preset("tiny", learning_rate=1e-2, max_steps=3))
+    data, _ = encode_examples(exs, first.tokenizer)
+    items = [(d.ids, d.n_prompt) for d in data]
+    fit(first, data, progress=False)
+    first.model.save_pretrained(tmp_path / "run" / "adapter")
+    stopped = response_losses(first.model, first.tokenizer, items)
+
+    config = load_preset("tiny", learning_rate=1e-2, max_steps=3, init_adapter=str(tmp_path / "run"))
+    second = setup(tiny_hf, config)
+    assert response_losses(second.model, second.tokenizer, items) == pytest.approx(stopped, rel=1e-4)
+    assert second.trainable == first.trainable
+    fit(second, data, progress=False)
+    assert sum(response_losses(second.model, second.tokenizer, items)) < sum(stopped)  # it trains on
+
+    with pytest.raises(ValueError, match=r"adapter has r 8.*asks for r 4"):
+        setup(tiny_hf, config.replace(lora_r=4))
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        setup(tiny_hf, config.replace(init_adapter=str(tmp_path)))
+
+
 @pytest.mark.slow
 def test_run_writes_a_self_describing_folder(tiny_hf: Path, tmp_path: Path) -> None:
     from corefbot.models.train.run import read_run, run, run_split

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from corefbot.models.serve.llama import REWRITE_GRAMMAR, BackendBusy, LlamaBackend  # noqa: E402
-from corefbot.pipeline.prompt import DECISIONS  # noqa: E402
+from corefbot.pipeline.prompt import DECISIONS, SERVE_ORDER, build_prompt  # noqa: E402
 from corefbot.pipeline.records import Turn  # noqa: E402
 
 WINDOW = [
@@ -231,3 +231,32 @@ def test_a_prefill_stops_paying_off_once_a_newer_message_slides_the_window():
     assert _prefill_pays_off(w[:5], _Job("observe", "g", tuple(w[:6])))  # grows: the newer prompt extends it
     assert not _prefill_pays_off(w[:12], _Job("observe", "g", tuple(w[1:13])))  # slid: dead before use
     assert _prefill_pays_off([], _Job("observe", "g", tuple(w[:1])))
+
+
+def test_a_rewrite_read_against_the_question_is_the_plain_greedy_line(backend: LlamaBackend):
+    """The rewrite read against the question's tokens in one batch equals plain greedy generation,
+    whatever the question: the model's own line comes back without generating a token, a line that
+    departs from it halfway is generated only from there, and an unrelated line is generated whole."""
+    lead = [backend._letters[SERVE_ORDER.index("needs")], backend._nl]
+    other = backend._llm.tokenize("完全无关 unrelated line".encode(), add_bos=False)
+
+    def rewrites(job, question: Turn) -> list[tuple[str | None, str | None, int, int]]:
+        full = backend._tokenize(build_prompt(WINDOW, question, SERVE_ORDER).chatml())
+        backend._reset_context()
+        backend._decode(full, job)
+        plain = backend._generate_line(job, lead)
+        own = backend._live[len(full) + len(lead):]  # the tokens it wrote (the one that ended the line is never evaluated)
+        assert plain and own, "the tiny model wrote no line"
+        rows = []
+        for guess in (own, own[: len(own) // 2] + other, other):
+            backend._reset_context()
+            backend._decode(full, job)
+            rows.append((plain, backend._generate_line(job, lead, guess), backend.last_rewrite_steps, len(own)))
+        return rows
+
+    rows = [row for q in QUESTIONS for row in backend.call(lambda job, q=q: rewrites(job, q), timeout_s=300)]
+    assert all(plain == got for plain, got, *_ in rows)
+    own, halfway, unrelated = rows[0::3], rows[1::3], rows[2::3]
+    assert any(steps == 0 for *_, steps, _ in own), "the model's own line was never copied in one batch"
+    assert all(steps <= n - n // 2 + 1 for *_, steps, n in halfway)
+    assert all(steps >= 1 for *_, steps, _ in unrelated)

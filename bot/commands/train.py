@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-r", type=int)
     p.add_argument("--decision-weight", dest="decision_weight", type=float,
                    help="how many times the decision letter counts in the loss (default: the preset's)")
+    p.add_argument("--init-adapter", metavar="RUN_DIR",
+                   help="continue training this run's adapter (its r, alpha and layers) instead of a fresh one")
     p.add_argument("--loraplus-ratio", dest="loraplus_lr_ratio", type=float, help="LoRA+: B-matrix lr multiple (e.g. 16)")
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=int)
@@ -117,8 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from corefbot.models.train.run import run
 
     overrides = {k: getattr(args, k) for k in (
-        "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "decision_weight", "loraplus_lr_ratio", "micro_batch_size",
+        "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "decision_weight", "init_adapter", "loraplus_lr_ratio", "micro_batch_size",
         "gradient_accumulation_steps", "eval_max_examples", "eval_base", "eval_rewrites", "device", "seed")}
+    if args.init_adapter:
+        overrides["init_adapter"] = str(Path(args.init_adapter).resolve())
     config = load_preset(args.preset, **overrides)
     result = run(args.base, args.data, args.out, config, select=args.select, keep=args.keep)
     m = result.metrics

@@ -38,7 +38,7 @@ from typing import Any, Callable, Literal, Sequence, TypeVar
 
 from corefbot.models.serve.types import Resolution
 from corefbot.pipeline.metrics import exact_match
-from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, Prompt, build_prompt, chatml_prefix
+from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, Prompt, build_prompt, chatml_prefix, one_line
 from corefbot.pipeline.records import Decision, Turn
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,7 @@ class LlamaBackend:
         self.last_eval_tokens = 0  # tokens evaluated for the last decision (tests and the bench read it)
         self.last_reused_tokens = 0
         self.last_decision_ms = 0.0  # submission to decision, before any rewrite is generated
+        self.last_rewrite_steps = 0  # tokens of the last rewrite generated one at a time (not copied in a batch)
         self.skipped_prefills = 0  # background prefills stopped because a newer window made them useless
 
         self._cv = threading.Condition()
@@ -460,14 +461,16 @@ class LlamaBackend:
                 return
             del self._live[n:]
 
-    def _decode(self, tokens: Sequence[int], job: _Job, chunk: int | None = None) -> None:
+    def _decode(self, tokens: Sequence[int], job: _Job, chunk: int | None = None, logits_all: bool = False) -> None:
         step = min(chunk or self._llm.n_batch, self._llm.n_batch)
+        if logits_all and len(tokens) > step:
+            raise ValueError(f"{len(tokens)} tokens with every position's logits exceed one batch ({step})")
         for i in range(0, len(tokens), step):
             self._check(job)
             part = list(tokens[i:i + step])
             if len(self._live) + len(part) > self.n_ctx:
                 raise ValueError(f"prompt of {len(self._live) + len(part)} tokens exceeds n_ctx {self.n_ctx}")
-            self._llm._batch.set_batch(batch=part, n_past=len(self._live), logits_all=False)
+            self._llm._batch.set_batch(batch=part, n_past=len(self._live), logits_all=logits_all)
             rc = self._lc.llama_decode(self._llm.ctx, self._llm._batch.batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with status {rc} ({self.model_path})")
@@ -541,9 +544,9 @@ class LlamaBackend:
         decision: Decision = max(probs, key=probs.__getitem__)
         rewrite = None
         if self.decide_by == "rewrite" or job.rewrite == "always" or (job.rewrite == "auto" and decision == "needs"):
-            letter = self._letters[SERVE_ORDER.index("needs")]
-            self._decode([letter, self._nl], job)
-            rewrite = self._generate_line(job)
+            lead = [self._letters[SERVE_ORDER.index("needs")], self._nl]
+            question = self._llm.tokenize(one_line(job.question.text).encode("utf-8"), add_bos=False, special=False)
+            rewrite = self._generate_line(job, lead, question)
         if self.decide_by == "rewrite":
             decision = "needs" if rewrite and not exact_match(rewrite, job.question.text) else "not_needed"
             if decision != "needs" and job.rewrite != "always":
@@ -563,9 +566,23 @@ class LlamaBackend:
         total = sum(exps)
         return {SERVE_ORDER[i]: exps[i] / total for i in range(len(LETTERS))}
 
-    def _generate_line(self, job: _Job) -> str | None:
+    def _generate_line(self, job: _Job, lead: Sequence[int], guess: Sequence[int] = ()) -> str | None:
+        """Greedy generation of one line under the grammar after ``lead`` (the answer letter and a newline).
+
+        ``guess`` (the question's own tokens) is evaluated in the same batch as the lead, with the logits
+        of every position: while the sampler picks the guess's next token, that token is already in the
+        context and needs no step of its own. A model that copies the whole question and ends the line
+        (the usual answer when nothing needs resolving) costs one batch and no generation steps; one that
+        departs from it is generated from there, with the rest of the guess dropped from the context. The
+        sampler (grammar, control tokens masked, greedy) chooses every token either way, so the line is the
+        one plain generation writes, up to llama.cpp's batched vs one-by-one arithmetic."""
         from llama_cpp._internals import LlamaSampler
 
+        guess = list(guess[: self.max_rewrite_tokens])
+        line_start = len(self._live) + len(lead)
+        self._decode([*lead, *guess], job, logits_all=bool(guess))
+        at = len(lead) - 1  # batch position of the logits for the line's first token
+        following = bool(guess)
         sampler = LlamaSampler()
         try:
             if self._control_bias:
@@ -576,9 +593,13 @@ class LlamaBackend:
             self._lc.llama_sampler_chain_add(sampler.sampler, grammar)
             sampler.add_greedy()
             out = b""
-            for _ in range(self.max_rewrite_tokens):
+            self.last_rewrite_steps = 0
+            for n in range(self.max_rewrite_tokens):
                 self._check(job)
-                tok = sampler.sample(self._llm._ctx, -1)
+                tok = sampler.sample(self._llm._ctx, at + n if following else -1)
+                if following and (n == len(guess) or tok != guess[n]):
+                    following = False
+                    self._truncate(line_start + n)  # the guess ends or departs here: drop the rest of it
                 if self._lc.llama_vocab_is_eog(self._vocab, tok):
                     break
                 piece = self._llm.detokenize([tok])
@@ -586,7 +607,9 @@ class LlamaBackend:
                     out += piece.split(b"\n", 1)[0]
                     break
                 out += piece
-                self._decode([tok], job)
+                if not following:
+                    self._decode([tok], job)
+                    self.last_rewrite_steps += 1
         finally:
             sampler.close()
         text = out.decode("utf-8", errors="ignore").strip()

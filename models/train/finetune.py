@@ -88,6 +88,10 @@ class FinetuneConfig:
     # ~20 tokens behind it the letter is ~5% of the signal, and a short CPU run learned the rewrites while
     # its decisions stayed at chance; weighting the letter gives the decision a share of the gradient.
     decision_weight: float = 1.0
+    # Continue training this adapter (a run folder or its adapter/ folder) instead of a fresh one: a second
+    # epoch on a CPU, or a nightly run that starts from the promoted adapter. Its r, alpha and layers must
+    # be this config's, so that the run folder's config.yaml stays true.
+    init_adapter: str | None = None
 
     def replace(self, **changes: Any) -> "FinetuneConfig":
         return dataclasses.replace(self, **changes)
@@ -230,13 +234,35 @@ def setup(base: str | Path, config: FinetuneConfig) -> Session:
         target_modules=targets,
         bias="none", task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    if config.init_adapter:
+        from peft import PeftModel
+
+        folder = adapter_folder(config.init_adapter)
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        have = (saved.get("r"), saved.get("lora_alpha"), saved.get("layers_to_transform"))
+        if have != (config.lora_r, config.lora_alpha, layers):
+            raise ValueError(f"{folder}: the adapter has r {have[0]}, alpha {have[1]}, layers {have[2]}; the "
+                             f"{config.preset} config asks for r {config.lora_r}, alpha {config.lora_alpha}, "
+                             f"layers {layers}: continue it with the preset it was trained with")
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    else:
+        model = get_peft_model(model, lora)
     model.to(accelerator.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("LoRA r=%d on %s: %s trainable of %s parameters, device %s, %s", config.lora_r, base,
              f"{trainable:,}", f"{total:,}", accelerator.device, dtype)
     return Session(model, tokenizer, str(accelerator.device), base, config, accelerator, total, trainable)
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """A peft adapter folder, given it or the run folder that holds it as ``adapter/``."""
+    path = Path(path)
+    for folder in (path, path / "adapter"):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    raise FileNotFoundError(f"{path}: no adapter_config.json here or in {path / 'adapter'} "
+                            "(not a peft adapter or a corefbot run folder)")
 
 
 def _response_loss_module(model: Any) -> "torch.nn.Module":
