@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Iterable, Literal, Protocol, Sequence
 
 from corefbot.pipeline.question import QuestionFilter, text_length
 
@@ -36,8 +36,9 @@ class Scored:
     text: str
     question: bool
     rule_score: float
-    score: float  # after the second stage, when one ran on this line
-    second_stage: bool
+    score: float  # after the second stage, when the model answered for this line
+    second_stage: bool  # the rule score fell in the second stage's band
+    fell_back: bool  # ... and the model did not answer (busy, late, failing): the rule score stood
     kept: bool
 
 
@@ -54,6 +55,7 @@ class QuestionEval:
     precision: float | None
     keep_rate_negatives: float | None
     second_stage_share: float
+    second_stage_fallbacks: int  # lines in the band scored by the rules because the model did not answer
     ms_per_message: float
     ms_per_second_stage: float | None
     misses: list[str] = field(default_factory=list)
@@ -106,38 +108,45 @@ def select(rows: Sequence[LabelledLine], part: Part) -> list[LabelledLine]:
     return list(rows) if part == "all" else [r for r in rows if hash_part(r.text) == part]
 
 
-#: ``second(text) -> score``: the second-stage scorer, or None to use the rules alone.
-SecondStage = Callable[[str], float]
+class StageAnswer(Protocol):
+    score: float  # the model's score, or the rule score when it fell back
+    used: bool  # the model answered
+    ms: float
+
+
+class SecondStage(Protocol):
+    """What the bot serves (:class:`corefbot.models.serve.question_llm.SecondStage`): it decides which rule
+    scores are borderline and falls back to the rule score when the model cannot answer, so an evaluation
+    through it measures exactly the serving path."""
+
+    def in_band(self, rule_score: float) -> bool: ...
+
+    def score(self, text: str, rule_score: float) -> StageAnswer: ...
 
 
 def score_lines(rows: Iterable[LabelledLine], question_filter: QuestionFilter = QuestionFilter(),
-                second: SecondStage | None = None, band: tuple[float, float] | None = None) -> list[Scored]:
-    """Score every line; lines whose rule score falls in ``band`` [low, high) go to ``second``."""
+                second: SecondStage | None = None) -> list[tuple[Scored, float | None]]:
+    """Score every line, the borderline ones through ``second``; with each, the model's ms (None: no model ran)."""
     out = []
     for row in rows:
         rule = question_filter.score(row.text)
-        use_second = second is not None and band is not None and band[0] <= rule < band[1]
-        score = second(row.text) if use_second else rule
-        out.append(Scored(row.text, row.question, rule, score, use_second, question_filter.passes(score)))
+        in_band = second is not None and second.in_band(rule)
+        answer = second.score(row.text, rule) if in_band else None  # type: ignore[union-attr]
+        score = answer.score if answer is not None else rule
+        fell_back = answer is not None and not answer.used
+        out.append((Scored(row.text, row.question, rule, score, in_band, fell_back, question_filter.passes(score)),
+                    answer.ms if answer is not None and answer.used else None))
     return out
 
 
 def evaluate(rows: Sequence[LabelledLine], question_filter: QuestionFilter = QuestionFilter(),
-             second: SecondStage | None = None, band: tuple[float, float] | None = None) -> QuestionEval:
+             second: SecondStage | None = None) -> QuestionEval:
     counted = [r for r in rows if text_length(r.text) >= question_filter.min_chars]
-    second_ms: list[float] = []
-    timed_second = None
-    if second is not None:
-        def timed_second(text: str) -> float:
-            t0 = time.perf_counter()
-            try:
-                return second(text)
-            finally:
-                second_ms.append((time.perf_counter() - t0) * 1000)
-
     start = time.perf_counter()
-    scored = score_lines(counted, question_filter, timed_second, band)
+    timed = score_lines(counted, question_filter, second)
     elapsed_ms = (time.perf_counter() - start) * 1000
+    scored = [s for s, _ in timed]
+    second_ms = [ms for _, ms in timed if ms is not None]
     pos = [s for s in scored if s.question]
     neg = [s for s in scored if not s.question]
     kept = [s for s in scored if s.kept]
@@ -148,6 +157,7 @@ def evaluate(rows: Sequence[LabelledLine], question_filter: QuestionFilter = Que
         precision=true_kept / len(kept) if kept and neg else None,
         keep_rate_negatives=sum(s.kept for s in neg) / len(neg) if neg else None,
         second_stage_share=sum(s.second_stage for s in scored) / len(scored) if scored else 0.0,
+        second_stage_fallbacks=sum(s.fell_back for s in scored),
         ms_per_message=elapsed_ms / len(scored) if scored else 0.0,
         ms_per_second_stage=sum(second_ms) / len(second_ms) if second_ms else None,
         misses=[s.text for s in pos if not s.kept],

@@ -12,6 +12,7 @@ pytest.importorskip("llama_cpp")
 from corefbot.models.serve.llama import BackendBusy, LlamaBackend  # noqa: E402
 from corefbot.models.serve.question_llm import LlamaQuestionScorer, SecondStage, make_scorer, parse_band  # noqa: E402
 from corefbot.pipeline.question import rule_score  # noqa: E402
+from corefbot.pipeline.question_eval import LabelledLine, evaluate  # noqa: E402
 from corefbot.pipeline.records import Turn  # noqa: E402
 
 LINES = [
@@ -104,6 +105,23 @@ def test_second_stage_only_runs_inside_its_band() -> None:
     assert stage.score("好的好的，我晚上回去试一下", 0.0).score == 0.0
     inside = stage.score("这个 shape 对不上啊", 4.0)
     assert inside.used and inside.score == 8.0 and calls == ["这个 shape 对不上啊"]
+
+
+def test_the_evaluation_measures_the_served_second_stage() -> None:
+    """eval-questions goes through the served SecondStage: a model that cannot answer a borderline line
+    leaves its rule score (counted as a fallback), as in the bot, instead of failing the evaluation."""
+    class Flaky:
+        def score(self, text: str, window=()) -> float:
+            if "进不去" in text:
+                raise TimeoutError("late")
+            return 8.0
+
+    rows = [LabelledLine("这个 shape 对不上啊", True), LabelledLine("nvidia进不去啊", True),
+            LabelledLine("有人知道 mmdeploy 怎么转 TensorRT 吗", True), LabelledLine("好的好的，我晚上回去试一下", False)]
+    r = evaluate(rows, second=SecondStage(Flaky(), 3.0, 5.0))
+    assert r.second_stage_share == pytest.approx(0.5) and r.second_stage_fallbacks == 1
+    assert r.misses == ["nvidia进不去啊"] and r.recall == pytest.approx(2 / 3) and r.keep_rate_negatives == 0.0
+    assert r.ms_per_second_stage is not None  # timed over the line the model answered
 
 
 def test_band_and_mode_errors_name_the_problem() -> None:

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     question_filter = QuestionFilter(args.threshold, args.min_chars)
     second, band, backend = None, None, None
     if args.second != "off":
-        from corefbot.models.serve.question_llm import make_scorer, parse_band
+        from corefbot.models.serve.question_llm import SecondStage, make_scorer, parse_band
 
         band = parse_band(args.band)
         if args.second == "local":
@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
                              api_key=os.environ.get("COREFBOT_QUESTION_LLM_KEY"), timeout_s=120.0)
         if hasattr(scorer, "warm"):
             scorer.warm()  # the instruction prefix once, not billed to the first line
-        second = scorer.score
+        second = SecondStage(scorer, *band)  # type: ignore[arg-type]  # what the bot serves, fallbacks included
     try:
-        result = evaluate(rows, question_filter, second, band)
+        result = evaluate(rows, question_filter, second)
     finally:
         if backend is not None:
             backend.close()
@@ -89,7 +89,9 @@ def summary(source: str, r, second: str, band: tuple[float, float] | None) -> li
                      f"({len(r.false_keeps)}/{r.negatives})")
     if second != "off" and band is not None:
         per = "n/a" if r.ms_per_second_stage is None else f"{r.ms_per_second_stage:.0f} ms each"
+        fell_back = (f"; {r.second_stage_fallbacks} fell back to the rule score (model busy, late or failing)"
+                     if r.second_stage_fallbacks else "")
         lines.append(f"second stage ({second}, rule scores {band[0]:g}-{band[1]:g}): "
-                     f"{r.second_stage_share:.1%} of messages, {per}")
+                     f"{r.second_stage_share:.1%} of messages, {per}{fell_back}")
     lines.append(f"cost {r.ms_per_message:.3f} ms per message (all stages, averaged over every message)")
     return lines
