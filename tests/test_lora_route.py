@@ -81,6 +81,36 @@ def test_adapter_in_llama_cpp_decides_like_the_hf_model(gguf_run: Path) -> None:
     assert (gguf_run / "export-lora.json").is_file()
 
 
+def test_a_run_folder_decides_as_measured(gguf_run: Path) -> None:
+    """export-lora measures both decide modes of the served pair on the test split and writes the better to
+    decide.json; COREFBOT_DECIDE_BY=auto (the backend's default) serves it, an explicit mode overrides it,
+    and a measurement of another route or an unreadable file leaves the letters."""
+    import json
+
+    from corefbot.models.serve.llama import LlamaBackend, served_model
+    from corefbot.models.ship.lora import export_lora
+
+    path = gguf_run / "decide.json"
+    if not path.is_file():
+        export_lora(gguf_run, max_examples=12)
+    measured = json.loads(path.read_text())
+    assert measured["route"] == "adapter" and measured["examples"] >= 8  # the test split, up to 12
+    assert measured["decide_by"] == ("rewrite" if measured["rewrite"]["mcc"] > measured["letter"]["mcc"] else "letter")
+    assert served_model(gguf_run).decide_by == measured["decide_by"]
+    try:
+        path.write_text(json.dumps({**measured, "decide_by": "rewrite"}))
+        with LlamaBackend(gguf_run, n_threads=1) as backend:
+            assert backend.decide_by == "rewrite"
+        with LlamaBackend(gguf_run, n_threads=1, decide_by="letter") as backend:
+            assert backend.decide_by == "letter"
+        path.write_text(json.dumps({**measured, "decide_by": "rewrite", "route": "merged"}))
+        assert served_model(gguf_run).decide_by is None
+        path.write_text("{not json")
+        assert served_model(gguf_run).decide_by is None
+    finally:
+        path.write_text(json.dumps(measured))
+
+
 def test_run_folder_is_a_model_name_everywhere(gguf_run: Path, tiny_gguf: Path, store) -> None:
     from corefbot.models.serve.llama import LlamaBackend, served_model
     from corefbot.models.serve.resolver import load_resolver

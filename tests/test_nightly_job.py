@@ -239,6 +239,9 @@ def test_nightly_from_a_gguf_base_serves_the_adapter(tmp_path: Path, tiny_gguf: 
     assert report.status == "promoted", report.error
     assert "stopped by the 0.05-minute budget after" in report.summary and "of 100000 steps" in report.summary
     serving = read(db, registry.serving)
+    decide = json.loads((Path(report.run_dir) / "decide.json").read_text())  # how the promoted run will decide
+    assert f"it decides by the {decide['decide_by']}" in report.summary
+    assert serving.metrics["decide_by"] == decide["decide_by"]
     assert serving.quant == "lora" and Path(serving.gguf_path) == Path(report.run_dir).resolve()
     served = served_model(serving.gguf_path)
     assert served.route == "adapter" and served.gguf == tiny_gguf.resolve() and served.lora.is_file()

@@ -247,6 +247,9 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
         print(f"agreement    {100 * a.agreement:.1f}% of {a.examples} test decisions match the HF model "
               f"(mean |Δp(needs)| {a.mean_abs_p_needs_diff:.3f}; serve-order F1 HF {100 * a.hf_f1:.1f}% "
               f"vs llama.cpp {100 * a.gguf_f1:.1f}%)")
+        d = json.loads((Path(args.run_dir) / "decide.json").read_text())
+        print(f"decide by    the {d['decide_by']} (served order, {d['examples']} test questions: Matthews letters "
+              f"{d['letter']['mcc']:.3f}, rewrite {d['rewrite']['mcc']:.3f}; COREFBOT_DECIDE_BY=auto serves it)")
     return 0
 
 

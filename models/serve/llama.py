@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
@@ -59,9 +59,14 @@ RewriteMode = Literal["auto", "always", "never"]
 #: model rewrites every question after the "needs" letter and the question needs resolution exactly when
 #: its rewrite differs from it (words, or characters for Chinese, compared without punctuation). Measured
 #: on the seed recipe's held-out sets, a fine-tuned 0.5B rewrites well long before its letters carry the
-#: decision (README, "Real Qwen"); the price is a rewrite's generation time on every question. ``probs``
-#: (and so the margin the labels plugin asks and queues by) stay the letters' in both modes.
+#: decision (README, "Real Qwen"); the price is a rewrite's generation time on every question (a question the
+#: model copies costs one batch, see :meth:`LlamaBackend._generate_line`). ``probs`` (and so the margin the
+#: labels plugin asks and queues by) stay the letters' in both modes.
 DecideBy = Literal["letter", "rewrite"]
+#: "auto": the mode measured better for a run folder (its ``decide.json``, written by ``corefbot export-lora``
+#: and the nightly job); "letter" for a bare GGUF or a run folder without the measurement.
+DecideSetting = Literal["auto", "letter", "rewrite"]
+DECIDE_FILE = "decide.json"
 
 
 class BackendBusy(RuntimeError):
@@ -142,6 +147,7 @@ class ServedModel:
     lora: Path | None = None
     lora_scale: float = 1.0
     route: Literal["gguf", "adapter", "merged"] = "gguf"
+    decide_by: DecideBy | None = None  # the mode measured better on the run's test split for this route
 
 
 def _check_gguf(path: Path, what: str = "GGUF model") -> Path:
@@ -180,10 +186,27 @@ def served_model(path: str | Path, route: Literal["auto", "adapter", "merged"] =
         if name in options:
             chosen = options[name]
             _check_gguf(chosen.gguf, "base GGUF of the run" if name == "adapter" else "GGUF model")
-            return chosen
+            measured = _measured_decide_by(path, chosen.route)
+            return replace(chosen, decide_by=measured) if measured else chosen
     wanted = "" if route == "auto" else f" by the {route} route"
     raise FileNotFoundError(f"{path}: this run folder has nothing llama.cpp can serve{wanted}: run "
                             f"`corefbot export-lora {path}` (base GGUF + adapter) or `corefbot export-gguf {path}` (merged)")
+
+
+def _measured_decide_by(run_dir: Path, route: str) -> DecideBy | None:
+    import json
+
+    try:
+        record = json.loads((run_dir / DECIDE_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s unreadable (%s): deciding by the letter", run_dir / DECIDE_FILE, exc)
+        return None
+    chosen = record.get("decide_by")
+    if record.get("route") != route or chosen not in ("letter", "rewrite"):
+        return None  # measured on another route of this run, or not a choice this version knows
+    return chosen
 
 
 class LlamaBackend:
@@ -195,7 +218,7 @@ class LlamaBackend:
                  timeout_s: float | None = 30.0, max_queue: int = 8, max_groups: int = 32,
                  max_state_mb: float = 256.0, max_rewrite_tokens: int = 96, n_batch: int = 512,
                  reuse: bool = True, lora_path: str | Path | None = None, lora_scale: float = 1.0,
-                 decide_by: DecideBy = "letter") -> None:
+                 decide_by: DecideSetting = "auto") -> None:
         """``model_path``: a GGUF, or a finetune run folder (see :func:`served_model`), which brings its
         own adapter. ``lora_path``: a GGUF LoRA applied to the GGUF at ``lora_scale`` (llama.cpp takes it
         only when the context is built: another adapter means another backend). ``timeout_s=None``
@@ -220,9 +243,9 @@ class LlamaBackend:
         self.max_state_bytes = int(max_state_mb * 1024 * 1024)
         self.max_rewrite_tokens = max_rewrite_tokens
         self.reuse = reuse
-        if decide_by not in ("letter", "rewrite"):
-            raise ValueError(f"decide_by must be 'letter' or 'rewrite', not {decide_by!r}")
-        self.decide_by = decide_by
+        if decide_by not in ("auto", "letter", "rewrite"):
+            raise ValueError(f"decide_by must be 'auto', 'letter' or 'rewrite', not {decide_by!r}")
+        self.decide_by: DecideBy = (served.decide_by or "letter") if decide_by == "auto" else decide_by
         self.n_threads = n_threads or _default_threads()
         try:
             self._llm = llama_cpp.Llama(
@@ -264,7 +287,8 @@ class LlamaBackend:
         self._closing = False
         self._worker = threading.Thread(target=self._run, name=f"llama-cpp:{self.model_path.name}", daemon=True)
         self._worker.start()
-        log.info("llama-cpp backend loaded %s (n_ctx %d, %d threads)", self.model_path, self.n_ctx, self.n_threads)
+        log.info("llama-cpp backend loaded %s (n_ctx %d, %d threads, deciding by the %s)", self.model_path, self.n_ctx,
+                 self.n_threads, self.decide_by)
 
     # -- public API (any thread) -------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from corefbot.models.serve.types import BACKENDS, Backend, BackendName, Resoluti
 from corefbot.pipeline.records import Turn
 
 if TYPE_CHECKING:
-    from corefbot.models.serve.llama import DecideBy
+    from corefbot.models.serve.llama import DecideSetting
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ SERVING_TIMEOUT_S = 30.0  # a member is waiting: a later answer is worse than no
 def load_backend(name: BackendName, *, model_path: str | None = None, url: str | None = None,
                  http_model: str = "default", api_key: str | None = None, n_threads: int | None = None,
                  gate_path: str | Path | None = None, timeout_s: float | None = SERVING_TIMEOUT_S,
-                 decide_by: "DecideBy" = "letter") -> Backend:
+                 decide_by: "DecideSetting" = "auto") -> Backend:
     """Build one backend; raises ``ValueError``/``FileNotFoundError`` naming what is wrong.
     ``gate_path``: a retrained gate (the rules backend decides with its classifier). ``model_path``: a
     GGUF or a finetune run folder. ``timeout_s``: how long a model call may take; ``None`` waits (an

@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from corefbot.models.serve.llama import DECIDE_FILE
+
 log = logging.getLogger(__name__)
 
 ADAPTER_GGUF = "adapter.gguf"  # inside a run folder
@@ -101,7 +103,9 @@ def export_lora(run_dir: str | Path, *, max_examples: int | None = 200, n_thread
                 progress: bool = False) -> tuple[Path, Any]:
     """``RUN_DIR/adapter.gguf`` from the run's adapter, and the decision agreement of the served pair
     (base GGUF + adapter in llama.cpp) with the HF model (base + peft adapter) on the run's test split
-    (``max_examples`` of it; 0 or None skips the check). Writes ``RUN_DIR/export-lora.json``."""
+    (``max_examples`` of it; 0 or None skips the check). On the same examples it measures both ways the
+    served pair can decide (letters, its own rewrite) and writes the better to ``RUN_DIR/decide.json``,
+    which ``COREFBOT_DECIDE_BY=auto`` serves. Writes ``RUN_DIR/export-lora.json``."""
     import time
 
     from corefbot.models.ship.export import decision_agreement
@@ -120,17 +124,24 @@ def export_lora(run_dir: str | Path, *, max_examples: int | None = 200, n_thread
     start = time.perf_counter()
     out = convert_lora_to_gguf(run_dir / "adapter", run_dir / ADAPTER_GGUF, base_config=base_cfg)
     seconds = {"convert": time.perf_counter() - start}
-    agreement = None
+    agreement, decide = None, None
+    (run_dir / DECIDE_FILE).unlink(missing_ok=True)  # measured for the adapter this replaces
     if max_examples:
         from corefbot.models.serve.llama import served_model
+        from corefbot.models.train.evaluate_gguf import measure_decide_modes
 
         served = served_model(run_dir, "adapter")  # what the bot will load for this run folder
         split, _ = run_split(run_dir)
+        test = subset(split.test, max_examples)
         start = time.perf_counter()
-        agreement = decision_agreement(run_dir, served.gguf, subset(split.test, max_examples),
+        agreement = decision_agreement(run_dir, served.gguf, test,
                                        lora_path=served.lora, n_threads=n_threads, progress=progress)
         seconds["agreement"] = time.perf_counter() - start
+        start = time.perf_counter()
+        decide = measure_decide_modes(run_dir, test, route="adapter", n_threads=n_threads, progress=progress)
+        seconds["decide"] = time.perf_counter() - start
+        (run_dir / DECIDE_FILE).write_text(json.dumps(decide, indent=2))
     (run_dir / "export-lora.json").write_text(json.dumps(
         {"adapter": str(out), "base_gguf": config["base_gguf"], "size_bytes": out.stat().st_size,
-         "agreement": agreement.summary() if agreement else None, "seconds": seconds}, indent=2))
+         "agreement": agreement.summary() if agreement else None, "decide": decide, "seconds": seconds}, indent=2))
     return out, agreement

@@ -413,7 +413,7 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
 
     # ---- GGUF for serving ----
     _step(state, "export", on_step)
-    from corefbot.models.serve.llama import DEFAULT_ROUTE
+    from corefbot.models.serve.llama import DECIDE_FILE, DEFAULT_ROUTE
 
     t = time.perf_counter()
     quant = config.quant
@@ -430,6 +430,11 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
                   "agreement_examples": agreement.examples if agreement else 0, "route": "adapter",
                   "gguf_serve_f1": agreement.gguf_f1 if agreement else None,
                   "hf_serve_f1": agreement.hf_f1 if agreement else None}
+        decide_file = run_dir / DECIDE_FILE
+        if decide_file.is_file():  # how the served run decides (COREFBOT_DECIDE_BY=auto), measured on the test split
+            decide = json.loads(decide_file.read_text())
+            record.update(decide_by=decide["decide_by"], decide_mcc_letter=decide["letter"]["mcc"],
+                          decide_mcc_rewrite=decide["rewrite"]["mcc"])
     else:
         from corefbot.models.ship.export import export_gguf
 
@@ -460,8 +465,10 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
     registry.promote(store, version.id)
     state.step = "done"  # promoted: from here nothing may report a failure
     size_mb = size_bytes / 1e6
+    decides = (f"; it decides by the {metrics['decide_by']} (Matthews letters {metrics['decide_mcc_letter']:.2f}, "
+               f"rewrite {metrics['decide_mcc_rewrite']:.2f})" if "decide_by" in metrics else "")
     summary = (f"{head} Promoted as v{version.id} ({quant}, {size_mb:.0f} MB; served decisions agree "
-               f"with the HF model on {_pct(state.agreement)} of test questions), replacing {serving_name}.")
+               f"with the HF model on {_pct(state.agreement)} of test questions{decides}), replacing {serving_name}.")
     return state.report("promoted", summary, margin, reason=reason)
 
 

@@ -82,3 +82,25 @@ def evaluate_gguf(backend: "LlamaBackend", examples: Sequence[Example], *, rewri
     if rewrites:
         report["rewrite"] = evaluate_rewrites_gguf(backend, examples, progress=progress).summary()
     return report
+
+
+def measure_decide_modes(model: str | Path, examples: Sequence[Example], *, route: str,
+                         n_threads: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Both ways the served model can decide, on ``examples`` in the serving order: the letters, and its
+    own rewrite. The record names the better by Matthews (the letters on a tie: they cost less); it is
+    what a run folder's ``decide.json`` holds and what ``COREFBOT_DECIDE_BY=auto`` serves."""
+    from corefbot.models.train.evaluate import METRICS
+
+    figures: dict[str, dict[str, float]] = {}
+    with open_backend(model, n_threads=n_threads, decide_by="letter") as backend:
+        for mode in ("letter", "rewrite"):
+            backend.decide_by = mode  # type: ignore[assignment]  # read per question: one loaded model, both modes
+            conf = evaluate_decisions_gguf(backend, examples, [SERVE_ORDER], progress=progress).per_order[0].confusion
+            figures[mode] = {m: _finite(getattr(conf, m)) for m in METRICS}
+    better = "rewrite" if figures["rewrite"]["mcc"] > figures["letter"]["mcc"] else "letter"
+    return {"decide_by": better, "route": route, "examples": len(examples),
+            "needs": sum(e.label == "needs" for e in examples), "chosen_by": "mcc", **figures}
+
+
+def _finite(x: float) -> float:
+    return 0.0 if math.isnan(x) else float(x)

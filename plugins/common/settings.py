@@ -108,10 +108,11 @@ class ResolverSettings(BaseModel):
     corefbot_resolver_model: str = Field("default", description="model name sent to the `http` backend")
     corefbot_resolver_key: str | None = Field(None, description="bearer key for the `http` backend")
     corefbot_resolver_threads: int | None = Field(None, description="llama.cpp threads; unset: the backend's choice")
-    corefbot_decide_by: Literal["letter", "rewrite"] = Field(
-        "letter", description="how `llama-cpp` decides: `letter` (the option letters, the paper's way) or `rewrite` "
-                              "(needs resolution when the model's rewrite differs from the question; better with a "
-                              "fine-tuned adapter, see README \"Real Qwen\", at a rewrite's cost on every question)")
+    corefbot_decide_by: Literal["auto", "letter", "rewrite"] = Field(
+        "auto", description="how `llama-cpp` decides: `letter` (the option letters, the paper's way), `rewrite` "
+                            "(needs resolution when the model's rewrite differs from the question) or `auto` (the "
+                            "mode measured better on a run folder's test split by `corefbot export-lora` and the "
+                            "nightly job, its `decide.json`; `letter` for a bare GGUF). See README \"Real Qwen\"")
     corefbot_gate_path: Path | None = Field(None, description="a retrained gate; unset: the shipped one")
     corefbot_resolve_all: bool = Field(
         True, description="also resolve and record questions the bot will not answer (they feed the label queue)")
