@@ -85,8 +85,12 @@ def test_scaling_check_and_seed_figures_on_a_gguf(tiny_gguf: Path, tmp_path: Pat
     write_unified(heldout / "heldout-task.jsonl", examples)
     out = tmp_path / "figures.json"
     assert main(["seed-eval", "--model", str(tiny_gguf), "--heldout", str(heldout), "--per-set", "6",
-                 "--threads", "2", "--report", str(out)]) == 0
+                 "--threads", "2", "--served", "--report", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["engine"] == "llama" and data["sets"][0]["examples"] == 6
     assert data["sets"][0]["model"]["decision"]["orders"] == 6
-    assert "| task (en) | 6 (3) |" in capsys.readouterr().out
+    served = data["sets"][0]["served"]  # the bot's resolver: gate, the GGUF deciding by the letter, validation
+    d = served["decision"]
+    assert served["decide_by"] == "letter" and d["tp"] + d["fp"] + d["fn"] + d["tn"] == 6
+    printed = capsys.readouterr().out
+    assert "| task (en) | 6 (3) |" in printed and "| task (en) | 6 (3) | letter |" in printed

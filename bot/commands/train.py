@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decide-by", choices=["letter", "rewrite"], default="letter",
                    help="rewrite: needs resolution when the served model's rewrite differs from the question "
                         "(COREFBOT_DECIDE_BY; with --engine llama)")
+    p.add_argument("--served", action="store_true",
+                   help="also the bot's whole resolver with its default settings (gate, the run's measured decide "
+                        "mode, rewrite validation): the decision and the question forwarded, as the group sees them")
     p.set_defaults(func=cmd_seed_eval)
 
     p = sub.add_parser("export-gguf", help="merge a run's adapter, convert to GGUF, quantize, check, register")
@@ -186,19 +189,23 @@ def cmd_seed_eval(args: argparse.Namespace) -> int:
         heldout = {k: v for k, v in heldout.items() if k in args.sets}
     return _print_figures(Path(args.model), heldout, args.per_set, rewrites=not args.no_rewrites,
                           report=Path(args.report) if args.report else None, engine=args.engine,
-                          n_threads=args.threads, decide_by=args.decide_by)
+                          n_threads=args.threads, decide_by=args.decide_by, served=args.served)
 
 
 def _print_figures(model: Path, heldout: dict, per_set: int, *, rewrites: bool, report: Path | None,
-                   engine: str = "auto", n_threads: int | None = None, decide_by: str = "letter") -> int:
+                   engine: str = "auto", n_threads: int | None = None, decide_by: str = "letter",
+                   served: bool = False) -> int:
     import time
 
-    from corefbot.models.train.seed import format_figures, heldout_figures
+    from corefbot.models.train.seed import format_figures, format_served, heldout_figures
 
     start = time.perf_counter()
     rows = heldout_figures(model, heldout, per_set=per_set, rewrites=rewrites, progress=True,
-                           engine=engine, n_threads=n_threads, decide_by=decide_by)  # type: ignore[arg-type]
+                           engine=engine, n_threads=n_threads, decide_by=decide_by, served=served)  # type: ignore[arg-type]
     print(format_figures(rows, model.name))
+    if served:
+        print("\nserved (the bot's resolver, default settings: what the group sees)")
+        print(format_served(rows))
     print(f"evaluated    {sum(r.examples for r in rows)} held-out examples (decided by the {decide_by}) in "
           f"{time.perf_counter() - start:.0f} s")
     if report is not None:

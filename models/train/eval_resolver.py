@@ -45,7 +45,8 @@ class Outcome:
 
 
 def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: str | None, http_model: str,
-               api_key: str | None, n_threads: int | None, gate_path: str | Path | None = None):
+               api_key: str | None, n_threads: int | None, gate_path: str | Path | None = None,
+               decide_by: str = "auto"):
     """A function example -> Outcome, and a closer."""
     from corefbot.models.serve.gate import Gate
 
@@ -74,7 +75,7 @@ def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: st
     # such questions as failed here).
     kwargs: dict[str, Any] = {"timeout_s": None}
     if name == "llama-cpp":
-        kwargs.update(model_path=model_path, n_threads=n_threads)
+        kwargs.update(model_path=model_path, n_threads=n_threads, decide_by=decide_by)
     elif name == "http":
         kwargs.update(url=url, http_model=http_model, api_key=api_key)
     resolver = load_resolver(name, gate=gate, gate_path=gate_path, **kwargs)
@@ -143,8 +144,10 @@ def _div(a: float, b: float) -> float:
 
 def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = True, model_path: str | None = None,
              url: str | None = None, http_model: str = "default", api_key: str | None = None,
-             n_threads: int | None = None, gate_path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run ``backend`` over ``examples`` and return the report (see the module docstring)."""
+             n_threads: int | None = None, gate_path: str | Path | None = None, progress: bool = True,
+             decide_by: str = "auto") -> dict[str, Any]:
+    """Run ``backend`` over ``examples`` and return the report (see the module docstring). ``decide_by``:
+    how ``llama-cpp`` decides (``COREFBOT_DECIDE_BY``; ``auto`` as the bot does by default)."""
     if backend not in EVAL_BACKENDS:
         raise ValueError(f"unknown eval backend {backend!r}; choose one of {', '.join(EVAL_BACKENDS)}")
     if not examples:
@@ -152,7 +155,7 @@ def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = 
     from tqdm import tqdm
 
     predict, close = _predictor(backend, gate=gate, model_path=model_path, url=url, http_model=http_model,
-                                api_key=api_key, n_threads=n_threads, gate_path=gate_path)
+                                api_key=api_key, n_threads=n_threads, gate_path=gate_path, decide_by=decide_by)
     try:
         outcomes = [predict(e) for e in tqdm(examples, desc=f"eval {backend}", unit="q", disable=not progress)]
     finally:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -155,10 +155,13 @@ class SetFigures:
     model: dict[str, Any]  # evaluate.evaluate(...) summary: decision stats over orders, rewrite
     rules: dict[str, Any]  # eval_resolver.score(...) of the rules backend on the same examples
     as_asked: dict[str, float]  # the question forwarded unchanged: exact match and token F1
+    # eval_resolver.score(...) of the whole served resolver (gate, the model in the bot's default decide mode,
+    # rewrite validation): the decision and the question forwarded, as the group sees them. None: not asked.
+    served: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "lang": self.lang, "examples": self.examples, "needs": self.needs,
-                "model": self.model, "rules": self.rules, "as_asked": self.as_asked}
+                "model": self.model, "rules": self.rules, "as_asked": self.as_asked, "served": self.served}
 
 
 def as_asked(examples: Sequence[Example]) -> dict[str, float]:
@@ -176,9 +179,11 @@ def as_asked(examples: Sequence[Example]) -> dict[str, float]:
 
 def heldout_figures(model: str | Path, heldout: dict[str, Path], *, per_set: int = 60, rewrites: bool = True,
                     max_new_tokens: int = 40, progress: bool = False, engine: "Engine" = "auto",
-                    n_threads: int | None = None, decide_by: "DecideBy" = "letter") -> list[SetFigures]:
+                    n_threads: int | None = None, decide_by: "DecideBy" = "letter",
+                    served: bool = False) -> list[SetFigures]:
     """Evaluate ``model`` (a run folder, a Hugging Face folder or a GGUF) on each held-out set, under PyTorch
-    or, as served, under llama.cpp (``engine``: see :func:`corefbot.models.train.evaluate_gguf.pick_engine`)."""
+    or, as served, under llama.cpp (``engine``: see :func:`corefbot.models.train.evaluate_gguf.pick_engine`).
+    ``served``: also the bot's whole resolver over it (:class:`SetFigures` ``served``)."""
     from contextlib import ExitStack
 
     from corefbot.models.train.evaluate import evaluate, load_model
@@ -208,8 +213,21 @@ def heldout_figures(model: str | Path, heldout: dict[str, Path], *, per_set: int
             if not examples:
                 continue
             log.info("held-out %s: %d examples", name, len(examples))
-            out.append(_set_figures(name, langs.get(name, "?"), examples, report_of(examples)))
+            row = _set_figures(name, langs.get(name, "?"), examples, report_of(examples))
+            if served:
+                row = replace(row, served=_served(model, examples, n_threads))
+            out.append(row)
     return out
+
+
+def _served(model: str | Path, examples: list[Example], n_threads: int | None) -> dict[str, Any]:
+    """The bot's resolver with its default settings over ``examples``: what a group member would see."""
+    from corefbot.models.serve.llama import served_model
+    from corefbot.models.train.eval_resolver import evaluate as eval_backend
+
+    report = eval_backend(examples, "llama-cpp", model_path=str(model), n_threads=n_threads, progress=False)
+    return {"decide_by": served_model(model).decide_by or "letter", "decision": report["decision"],
+            "rewrite": report["rewrite"], "gate": report["gate"], "latency_ms": report["latency_ms"]}
 
 
 def _set_figures(name: str, lang: str, examples: list[Example], report: dict[str, Any]) -> SetFigures:
@@ -219,6 +237,23 @@ def _set_figures(name: str, lang: str, examples: list[Example], report: dict[str
     rules = eval_backend(examples, "rules", progress=False)
     return SetFigures(name, lang, len(examples), sum(e.label == "needs" for e in examples), report,
                       {"decision": rules["decision"], "rewrite": rules["rewrite"]}, as_asked(examples))
+
+
+def format_served(rows: Sequence[SetFigures]) -> str:
+    """The served resolver's table (rows evaluated with ``served``): decision and forwarded question."""
+    head = ("| set | n (needs) | decides by | P | R | F1 | Matthews | rules Matthews | forwarded EM | forwarded token F1 "
+            "| rules token F1 | as-asked token F1 | sent to the model |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r.served is None:
+            continue
+        d, rw = r.served["decision"], r.served["rewrite"]
+        lines.append(
+            f"| {r.name} ({r.lang}) | {r.examples} ({r.needs}) | {r.served['decide_by']} | {d['precision']:.3f} | "
+            f"{d['recall']:.3f} | {d['f1']:.3f} | {d['mcc']:.3f} | {r.rules['decision']['mcc']:.3f} | "
+            f"{rw['exact_match']:.3f} | {rw['token_f1']:.3f} | {r.rules['rewrite']['token_f1']:.3f} | "
+            f"{r.as_asked['token_f1']:.3f} | {r.served['gate']['sent_rate']:.3f} |")
+    return "\n".join(lines)
 
 
 def format_figures(rows: Sequence[SetFigures], model_name: str = "model") -> str:
