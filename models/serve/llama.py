@@ -10,7 +10,9 @@ assistant position are soft-maxed into ``Resolution.probs`` and the decision is 
 never be unparseable. When the decision is "needs", the letter and a newline are appended (exactly as
 :func:`corefbot.pipeline.prompt.target` writes training targets) and the rewrite is generated greedily under a
 GBNF grammar that allows one line of bounded length; control tokens are masked so no ChatML marker
-leaks into the text.
+leaks into the text. The question's own tokens go into the same batch as the letter: the part of the
+rewrite that copies the question (all of it, when nothing needed resolving) costs no generation steps.
+With ``decide_by="rewrite"`` the rewrite itself decides (see :data:`DecideBy`).
 
 Latency: a sliding window renames senders and drops the oldest line on every message, so the group's
 prompt prefix changes from its first chat line on each time a message arrives. :meth:`observe` is
