@@ -279,7 +279,7 @@ class LlamaBackend:
         self._job: _Job | None = None
         self.last_eval_tokens = 0  # tokens evaluated for the last decision (tests and the bench read it)
         self.last_reused_tokens = 0
-        self.last_decision_ms = 0.0  # submission to decision, before any rewrite is generated
+        self.last_decision_ms = 0.0  # submission to decision: before any rewrite (letter), with the rewrite (rewrite)
         self.last_rewrite_steps = 0  # tokens of the last rewrite generated one at a time (not copied in a batch)
         self.skipped_prefills = 0  # background prefills stopped because a newer window made them useless
 
@@ -568,6 +568,8 @@ class LlamaBackend:
         self.last_eval_tokens = len(full) - self.last_reused_tokens
         probs = self._option_probs()
         decision: Decision = max(probs, key=probs.__getitem__)
+        if self.decide_by == "letter":
+            self.last_decision_ms = (time.perf_counter() - job.submitted) * 1000  # the rewrite comes after it
         rewrite = None
         if self.decide_by == "rewrite" or job.rewrite == "always" or (job.rewrite == "auto" and decision == "needs"):
             lead = [self._letters[SERVE_ORDER.index("needs")], self._nl]
@@ -577,7 +579,7 @@ class LlamaBackend:
             decision = "needs" if rewrite and not exact_match(rewrite, job.question.text) else "not_needed"
             if decision != "needs" and job.rewrite != "always":
                 rewrite = None
-        self.last_decision_ms = (time.perf_counter() - job.submitted) * 1000
+            self.last_decision_ms = (time.perf_counter() - job.submitted) * 1000  # known once the rewrite is
         return Resolution(decision, probs, rewrite, backend=self.name)
 
     def _letter_logits(self) -> list[float]:
