@@ -40,6 +40,7 @@ class Scored:
     second_stage: bool  # the rule score fell in the second stage's band
     fell_back: bool  # ... and the model did not answer (busy, late, failing): the rule score stood
     kept: bool
+    model_ms: float | None = None  # how long the model took to answer (None: it did not)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,17 +126,17 @@ class SecondStage(Protocol):
 
 
 def score_lines(rows: Iterable[LabelledLine], question_filter: QuestionFilter = QuestionFilter(),
-                second: SecondStage | None = None) -> list[tuple[Scored, float | None]]:
-    """Score every line, the borderline ones through ``second``; with each, the model's ms (None: no model ran)."""
+                second: SecondStage | None = None) -> list[Scored]:
+    """Score every line, the borderline ones through ``second``."""
     out = []
     for row in rows:
         rule = question_filter.score(row.text)
         in_band = second is not None and second.in_band(rule)
         answer = second.score(row.text, rule) if in_band else None  # type: ignore[union-attr]
         score = answer.score if answer is not None else rule
-        fell_back = answer is not None and not answer.used
-        out.append((Scored(row.text, row.question, rule, score, in_band, fell_back, question_filter.passes(score)),
-                    answer.ms if answer is not None and answer.used else None))
+        answered = answer is not None and answer.used
+        out.append(Scored(row.text, row.question, rule, score, in_band, in_band and not answered,
+                          question_filter.passes(score), answer.ms if answered else None))  # type: ignore[union-attr]
     return out
 
 
@@ -143,10 +144,9 @@ def evaluate(rows: Sequence[LabelledLine], question_filter: QuestionFilter = Que
              second: SecondStage | None = None) -> QuestionEval:
     counted = [r for r in rows if text_length(r.text) >= question_filter.min_chars]
     start = time.perf_counter()
-    timed = score_lines(counted, question_filter, second)
+    scored = score_lines(counted, question_filter, second)
     elapsed_ms = (time.perf_counter() - start) * 1000
-    scored = [s for s, _ in timed]
-    second_ms = [ms for _, ms in timed if ms is not None]
+    second_ms = [s.model_ms for s in scored if s.model_ms is not None]
     pos = [s for s in scored if s.question]
     neg = [s for s in scored if not s.question]
     kept = [s for s in scored if s.kept]
