@@ -50,10 +50,10 @@ def test_report_over_all_orders_and_served_rewrites(tiny_gguf: Path) -> None:
 
 
 def test_deciding_by_the_rewrite(tiny_gguf: Path) -> None:
-    """decide_by="rewrite": needs resolution exactly when the served rewrite differs from the question; the
+    """decide_by="rewrite": needs resolution exactly when the served rewrite adds content to the question; the
     evaluation then asks once per question (one order)."""
     from corefbot.models.serve.llama import LlamaBackend
-    from corefbot.pipeline.metrics import exact_match
+    from corefbot.models.serve.validate import adds_content
 
     examples = chat_examples(6)
     with pytest.raises(ValueError, match="decide_by"):
@@ -61,7 +61,7 @@ def test_deciding_by_the_rewrite(tiny_gguf: Path) -> None:
     with open_backend(tiny_gguf, n_threads=2, decide_by="rewrite") as backend:
         for e in examples:
             res = backend.resolve(e.window, e.question, rewrite="always")
-            changed = bool(res.rewrite) and not exact_match(res.rewrite or "", e.question.text)
+            changed = bool(res.rewrite) and adds_content(e.question.text, res.rewrite or "")
             assert res.decision == ("needs" if changed else "not_needed")
             auto = backend.resolve(e.window, e.question)
             assert auto.decision == res.decision and (auto.rewrite is None) == (res.decision != "needs")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from corefbot.models.serve.validate import looks_like_injection, validate_rewrite
+from corefbot.models.serve.validate import adds_content, looks_like_injection, validate_rewrite
 from tests.conftest import shared_data
 
 WINDOW_ZH = ["有人在 Jetson 上跑过 mmpose 吗？", "跑过，x86 上没问题", "显卡驱动装不上，一直报错"]
@@ -77,3 +77,27 @@ def test_most_gold_rewrites_pass(name: str, floor: float) -> None:
     rows = [r for r in rows if r["needs_rewrite"]][:800]
     accepted = sum(validate_rewrite(r["query"], r["rewrite"], r["context"])[0] for r in rows)
     assert accepted / len(rows) >= floor
+
+
+@pytest.mark.parametrize("question, rewrite, adds", [
+    ("BTW, how to deploy it on TX2?", "BTW, how to deploy mmpose on TX2?", True),
+    ("他训练到很晚", "我哥训练到很晚", True),
+    ("你最喜欢哪个人", "你最喜欢EXO哪个人", True),  # a Latin word glued to Chinese is a word
+    ("那 BLG 世界赛呢", "BLG 世界赛呢", False),  # dropping 那 resolves nothing
+    ("三星堆到底是啥年代的", "三星堆是啥年代的", False),
+    ("召回和排序有啥区别", "回和排序有啥区别", False),
+    ("Where did Neil Diamond grow up", "Where did Neil Diamond grow up?", False),
+    ("what about that one?", "What about that one", False),
+])
+def test_a_resolution_adds_content(question: str, rewrite: str, adds: bool) -> None:
+    assert adds_content(question, rewrite) is adds
+
+
+@pytest.mark.parametrize("name", ["task_gecor.jsonl", "canard_dev.jsonl", "rewrite_zh_train.jsonl"])
+def test_gold_rewrites_add_content(name: str) -> None:
+    # Deciding by the rewrite counts a question as needing resolution when its rewrite adds content: the
+    # gold rewrites of the public sets do: 97.7% (TASK) to 99.6% (REWRITE). The rest add only glue ("I
+    # dont care" -> "I dont care about which one") or name an antecedent the question already holds.
+    rows = [json.loads(line) for line in open(shared_data(name), encoding="utf-8")]
+    rows = [r for r in rows if r["needs_rewrite"]]
+    assert sum(adds_content(r["query"], r["rewrite"]) for r in rows) / len(rows) >= 0.97

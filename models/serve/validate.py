@@ -69,8 +69,12 @@ def _norm(text: str) -> str:
     return unicodedata.normalize("NFKC", text).lower()
 
 
+_CJK_CHAR = re.compile(f"[{CJK}]")
+
+
 def _latin_words(text: str) -> list[str]:
-    return [w.strip(".-") for w in re.findall(r"[a-z0-9][\w.+#\-']*", text) if not HAS_CJK.search(w)]
+    # Chinese runs split words first: 「你最喜欢exo哪个人」 holds the word "exo" (\w matches 哪 as well).
+    return [w.strip(".-") for w in re.findall(r"[a-z0-9][\w.+#\-']*", _CJK_CHAR.sub(" ", text))]
 
 
 def _stem(word: str) -> str:
@@ -92,6 +96,14 @@ def _content_units(text: str) -> list[str]:
     units = [_stem(w) for w in _latin_words(text) if w not in EN_ANAPHORS and w not in EN_GLUE]
     units += [c for c in text if HAS_CJK.match(c) and c not in ZH_ANAPHORS and c not in ZH_GLUE]
     return units
+
+
+def adds_content(question_text: str, rewrite: str) -> bool:
+    """True when ``rewrite`` brings a content word (Latin) or character (Chinese) the question lacks: what
+    resolving a reference does. Dropping 「那」 or 「到底」, reordering or retyping the question adds
+    nothing, so such a rewrite does not say the question needed resolution."""
+    asked = set(_content_units(_norm(question_text)))
+    return any(u not in asked for u in _content_units(_norm(rewrite)))
 
 
 def _cover_cjk(run: str, window: str) -> str | None:

@@ -110,7 +110,7 @@ class ResolverSettings(BaseModel):
     corefbot_resolver_threads: int | None = Field(None, description="llama.cpp threads; unset: the backend's choice")
     corefbot_decide_by: Literal["auto", "letter", "rewrite"] = Field(
         "auto", description="how `llama-cpp` decides: `letter` (the option letters, the paper's way), `rewrite` "
-                            "(needs resolution when the model's rewrite differs from the question) or `auto` (the "
+                            "(needs resolution when the model's rewrite adds a word the question lacks) or `auto` (the "
                             "mode measured better on a run folder's test split by `corefbot export-lora` and the "
                             "nightly job, its `decide.json`; `letter` for a bare GGUF). See README \"Real Qwen\"")
     corefbot_gate_path: Path | None = Field(None, description="a retrained gate; unset: the shipped one")
