@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from corefbot.models.train.finetune import (FinetuneConfig, encode_examples, file_sha256, load_preset, make_batches)
-from corefbot.pipeline.prompt import LETTERS, build_prompt, target
+from corefbot.pipeline.prompt import ALL_ORDERS, LETTERS, build_prompt, target
 from corefbot.pipeline.records import Example, Turn
 
 pytest.importorskip("peft")
@@ -84,6 +84,42 @@ def test_encoding_masks_exactly_the_response(tiny_hf: Path) -> None:
     assert {letters.count(L) for L in LETTERS} == {10}
     short, dropped = encode_examples(exs, tok, sequence_len=40)
     assert dropped == len(exs) - len(short) and dropped > 0
+
+
+def test_copy_unneeded_trains_the_question_after_the_needs_letter(tiny_hf: Path) -> None:
+    """copy_unneeded: each "not_needed" example also yields the "needs" letter and the question copied, with the
+    letter out of the loss: deciding by the rewrite reads that line, and a copy there means "nothing to resolve".
+    fit() gives that letter weight 0: the first step's loss is the mean over the copied line's tokens only."""
+    import torch
+    import torch.nn.functional as F
+
+    from corefbot.models.train.finetune import fit, setup
+
+    session = setup(tiny_hf, load_preset("tiny", max_steps=1))
+    tok = session.tokenizer
+    exs = chat_examples(12)
+    plain, _ = encode_examples(exs, tok, seed=1)
+    enc, _ = encode_examples(exs, tok, seed=1, copy_unneeded=True)
+    unneeded = [x for x in exs if x.label == "not_needed"]
+    copies = [e for e in enc if e.letter_weight == 0.0]
+    assert unneeded and len(enc) == len(plain) + len(unneeded) and len(copies) == len(unneeded)
+    assert [e for e in enc if e.letter_weight is None] == plain
+    by_id = {x.id: x for x in exs}
+    for e in copies:
+        x = by_id[e.example_id]
+        prompt_text = tok.decode(list(e.ids[: e.n_prompt]))
+        letter = next(build_prompt(x.window, x.question, o).letter("needs") for o in ALL_ORDERS
+                      if build_prompt(x.window, x.question, o).chatml() in prompt_text)
+        assert tok.decode(list(e.ids[e.n_prompt:])) == f"{letter}\n{x.question.text}<|im_end|>"
+
+    copy = copies[0]
+    ids = torch.tensor([copy.ids])
+    with torch.no_grad():
+        logits = session.model(input_ids=ids).logits[0, :-1].float()
+    per_token = F.cross_entropy(logits, ids[0, 1:], reduction="none")
+    expected = float(per_token[copy.n_prompt:].mean())  # the response after its letter (position n_prompt)
+    result = fit(session, [copy] * 16, progress=False)
+    assert result.losses[0].loss == pytest.approx(expected, rel=1e-3)
 
 
 def test_length_grouping_cuts_padding() -> None:

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how many times the decision letter counts in the loss (default: the preset's)")
     p.add_argument("--init-adapter", metavar="RUN_DIR",
                    help="continue training this run's adapter (its r, alpha and layers) instead of a fresh one")
+    p.add_argument("--copy-unneeded", dest="copy_unneeded", action="store_true", default=None,
+                   help="also train the question itself as the rewrite of each question that needs nothing "
+                        "(what deciding by the rewrite reads)")
     p.add_argument("--loraplus-ratio", dest="loraplus_lr_ratio", type=float, help="LoRA+: B-matrix lr multiple (e.g. 16)")
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=int)
@@ -50,6 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-set", type=int, default=60,
                    help="held-out examples evaluated per set (a deterministic subset; default 60)")
     p.add_argument("--no-figures", action="store_true", help="train only; evaluate later with seed-eval")
+    p.add_argument("--sample", type=int, default=0,
+                   help="which successive sample of the large sets to train on (default 0; 1, 2 … are fresh "
+                        "pairs for a further sitting; the held-out parts never change)")
+    p.add_argument("--data-only", action="store_true",
+                   help="write seed-data/ and stop (then train on it with corefbot train, e.g. --init-adapter)")
     p.add_argument("--device", help="cpu, cuda … (default: cuda when present)")
     p.set_defaults(func=cmd_seed)
 
@@ -62,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", metavar="OUT.json")
     _engine_options(p)
     p.add_argument("--decide-by", choices=["letter", "rewrite"], default="letter",
-                   help="rewrite: needs resolution when the served model's rewrite differs from the question "
+                   help="rewrite: needs resolution when the served model's rewrite adds a word the question lacks "
                         "(COREFBOT_DECIDE_BY; with --engine llama)")
     p.add_argument("--served", action="store_true",
                    help="also the bot's whole resolver with its default settings (gate, the run's measured decide "
@@ -122,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from corefbot.models.train.run import run
 
     overrides = {k: getattr(args, k) for k in (
-        "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "decision_weight", "init_adapter", "loraplus_lr_ratio", "micro_batch_size",
+        "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "decision_weight", "init_adapter", "copy_unneeded", "loraplus_lr_ratio", "micro_batch_size",
         "gradient_accumulation_steps", "eval_max_examples", "eval_base", "eval_rewrites", "device", "seed")}
     if args.init_adapter:
         overrides["init_adapter"] = str(Path(args.init_adapter).resolve())
@@ -163,9 +171,12 @@ def cmd_seed(args: argparse.Namespace) -> int:
     from corefbot.models.train.seed import build_seed_data
 
     out = Path(args.out)
-    data = build_seed_data(args.data_dir, out / "seed-data")
+    data = build_seed_data(args.data_dir, out / "seed-data", sample=args.sample)
     for name, c in data.counts.items():
         print(f"seed set     {name}: train {c['train']} of {c['train_available']}, held out {c['heldout']}")
+    if args.data_only:
+        print(f"seed data    {data.train}")
+        return 0
     config = load_preset(args.preset, max_minutes=args.max_minutes, max_steps=args.max_steps, device=args.device)
     result = run(args.base, [data.train], out, config)
     tr = result.metrics["train"]

@@ -92,6 +92,11 @@ class FinetuneConfig:
     # epoch on a CPU, or a nightly run that starts from the promoted adapter. Its r, alpha and layers must
     # be this config's, so that the run folder's config.yaml stays true.
     init_adapter: str | None = None
+    # Also train, for each question that needs nothing, the question itself as the line after the "needs"
+    # letter (the letter not in the loss). Deciding by the rewrite forces that letter and reads the line:
+    # trained on rewrites only, a model learned that the line after it always changes the question, and
+    # rewrote self-contained questions with words from the chat (README, "Real Qwen").
+    copy_unneeded: bool = False
 
     def replace(self, **changes: Any) -> "FinetuneConfig":
         return dataclasses.replace(self, **changes)
@@ -142,22 +147,29 @@ class Encoded:
     example_id: str
     ids: tuple[int, ...]
     n_prompt: int
+    letter_weight: float | None = None  # the answer's first token's weight; None: the config's decision_weight
 
 
 def encode_examples(examples: Sequence[Example], tokenizer: Any, *, seed: int = 0,
-                    sequence_len: int | None = None) -> tuple[list[Encoded], int]:
+                    sequence_len: int | None = None, copy_unneeded: bool = False) -> tuple[list[Encoded], int]:
     """Render each example once, in an option order balanced per letter (as the alpaca export does),
-    with the target response; returns the sequences and how many were dropped as too long."""
+    with the target response; returns the sequences and how many were dropped as too long.
+    ``copy_unneeded``: also a sequence per "not_needed" example whose response is the "needs" letter (weight
+    0) and the question copied (:attr:`FinetuneConfig.copy_unneeded`)."""
     orders = balanced_orders([e.label for e in examples], seed)
     out: list[Encoded] = []
     dropped = 0
     for e, order in zip(examples, orders):
         p = build_prompt(e.window, e.question, order)
-        ids, n_prompt = encode(tokenizer, p.chatml(), target(p, e.label, e.rewrite) + "<|im_end|>")
-        if sequence_len is not None and len(ids) > sequence_len:
-            dropped += 1
-            continue
-        out.append(Encoded(e.id, tuple(ids), n_prompt))
+        responses = [(target(p, e.label, e.rewrite), None)]
+        if copy_unneeded and e.label == "not_needed":
+            responses.append((target(p, "needs", e.question.text), 0.0))
+        for response, letter_weight in responses:
+            ids, n_prompt = encode(tokenizer, p.chatml(), response + "<|im_end|>")
+            if sequence_len is not None and len(ids) > sequence_len:
+                dropped += 1
+                continue
+            out.append(Encoded(e.id, tuple(ids), n_prompt, letter_weight))
     if dropped:
         log.warning("dropped %d of %d examples longer than %s tokens", dropped, len(examples), sequence_len)
     return out, dropped
@@ -434,6 +446,11 @@ def fit(session: Session, data: Sequence[Encoded], *, progress: bool = True) -> 
     bar = tqdm(total=total_steps, desc="training", unit="step", disable=not progress or not acc.is_main_process)
     steps_done = 0
     stopped_on_budget = False
+
+    def letter_weight(i: int) -> float:
+        w = data[i].letter_weight
+        return config.decision_weight if w is None else w
+
     for step in range(1, total_steps + 1):
         if budget_s is not None and steps_done:
             elapsed = time.perf_counter() - start
@@ -449,8 +466,7 @@ def fit(session: Session, data: Sequence[Encoded], *, progress: bool = True) -> 
         group = [next(stream) for _ in range(accum)]
         # Normalise by the response tokens of the whole optimizer step, so a micro-batch with more
         # answer tokens weighs more (a token mean, as with one large batch).
-        extra = config.decision_weight - 1
-        n_targets = sum(len(data[i].ids) - max(1, data[i].n_prompt) + extra for b in group for i in b)
+        n_targets = sum(len(data[i].ids) - max(1, data[i].n_prompt) + letter_weight(i) - 1 for b in group for i in b)
         step_loss = 0.0
         for k, batch in enumerate(group):
             seqs = [data[i].ids for i in batch]
@@ -464,7 +480,7 @@ def fit(session: Session, data: Sequence[Encoded], *, progress: bool = True) -> 
                 ids[r, : len(s)] = torch.tensor(s)
                 mask[r, : len(s)] = 1
                 weights[r, first: len(s)] = 1.0
-                weights[r, first] = config.decision_weight
+                weights[r, first] = letter_weight(i)
             ids, mask, weights = ids.to(acc.device), mask.to(acc.device), weights.to(acc.device)
             sync = k == len(group) - 1
             ctx = acc.no_sync(wrapper) if not sync and acc.num_processes > 1 else _null()
@@ -592,7 +608,8 @@ def train_and_eval(base: str | Path, train: Sequence[Example], split: Split, con
     """setup → fit → validate, asserting that nothing held out is trained on."""
     assert_no_leak(split, trained_on=train)
     session = setup(base, config)
-    data, dropped = encode_examples(train, session.tokenizer, seed=config.seed, sequence_len=config.sequence_len)
+    data, dropped = encode_examples(train, session.tokenizer, seed=config.seed, sequence_len=config.sequence_len,
+                                    copy_unneeded=config.copy_unneeded)
     result = fit(session, data, progress=progress)
     metrics: dict[str, Any] = {}
     if session.accelerator.is_main_process:

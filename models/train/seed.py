@@ -95,8 +95,13 @@ def _unit(row: dict) -> str:
 
 
 def build_seed_data(data_dir: str | Path, out: str | Path, *,
-                    sets: Sequence[SeedSet] = SEED_SETS) -> SeedData:
-    """Write ``out/train.jsonl`` and ``out/heldout-<set>.jsonl``; a missing public file is an error naming it."""
+                    sets: Sequence[SeedSet] = SEED_SETS, sample: int = 0) -> SeedData:
+    """Write ``out/train.jsonl`` and ``out/heldout-<set>.jsonl``; a missing public file is an error naming it.
+    ``sample``: which of the capped sets' successive samples to train on (0: the first ``train_cap`` rows in
+    the hash order, 1: the next ones …), so a further sitting sees fresh pairs; uncapped sets are whole in
+    every sample. The held-out parts never change."""
+    if sample < 0:
+        raise ValueError(f"sample must be 0 or more, not {sample}")
     from corefbot.pipeline.examples import read_jsonl
 
     data_dir, out = Path(data_dir), Path(out)
@@ -120,22 +125,23 @@ def build_seed_data(data_dir: str | Path, out: str | Path, *,
             for r in train:
                 by_unit[_unit(r)] = by_unit.get(_unit(r), 0) + 1
             for u in ranked:
-                if n >= s.train_cap:
+                if n >= s.train_cap * (sample + 1):
                     break
-                keep.add(u)
+                if n >= s.train_cap * sample:
+                    keep.add(u)
                 n += by_unit[u]
-            sample = [r for r in train if _unit(r) in keep]
+            picked = [r for r in train if _unit(r) in keep]
         else:
-            sample = train
-        train_rows += sample
+            picked = train
+        train_rows += picked
         hp = out / f"heldout-{s.name}.jsonl"
         hp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held), encoding="utf-8")
         heldout[s.name] = hp
-        counts[s.name] = {"train": len(sample), "train_available": len(train), "heldout": len(held)}
+        counts[s.name] = {"train": len(picked), "train_available": len(train), "heldout": len(held)}
     tp = out / "train.jsonl"
     tp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows), encoding="utf-8")
     (out / "seed-data.json").write_text(json.dumps(
-        {"data_dir": str(data_dir.resolve()), "counts": counts,
+        {"data_dir": str(data_dir.resolve()), "sample": sample, "counts": counts,
          "rules": {"task": "split != train", "canard": "sha256('canard:'+conversation) < 30%",
                    "rewrite_zh": "sha256('rewrite:'+pair id) < 10%", "cases": "split == test"}},
         indent=2))

@@ -1,0 +1,53 @@
+"""The seed recipe's data: fixed held-out parts, successive training samples that never overlap."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from corefbot.models.train.seed import SEED_SETS, SeedSet, _rewrite_held, build_seed_data
+
+
+def _pairs(n: int, prefix: str = "rw") -> list[dict]:
+    rows = []
+    for i in range(n):
+        rows.append({"id": f"{prefix}{i}", "lang": "zh", "context": ["秦始皇活了多久", "50岁"], "query": "为什么",
+                     "rewrite": "为什么秦始皇活了50岁", "needs_rewrite": True})
+        rows.append({"id": f"{prefix}{i}_neg", "lang": "zh", "context": ["秦始皇活了多久", "50岁"],
+                     "query": "为什么秦始皇活了50岁", "rewrite": "为什么秦始皇活了50岁", "needs_rewrite": False})
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_successive_samples_are_fresh_pairs_with_the_same_held_out_part(tmp_path: Path) -> None:
+    _write(tmp_path / "rw.jsonl", _pairs(300))
+    _write(tmp_path / "small.jsonl", _pairs(5, "case"))
+    sets = (SeedSet("rewrite_zh", "rw.jsonl", "zh", _rewrite_held, 100),
+            SeedSet("small", "small.jsonl", "zh", lambda r: r["id"].startswith("case0"), None))
+    first = build_seed_data(tmp_path, tmp_path / "s0", sets=sets)
+    second = build_seed_data(tmp_path, tmp_path / "s1", sets=sets, sample=1)
+
+    assert _ids(first.heldout["rewrite_zh"]) == _ids(second.heldout["rewrite_zh"])
+    assert first.counts["rewrite_zh"]["heldout"] > 0
+    a, b = set(_ids(first.train)), set(_ids(second.train))
+    small = {f"case{i}{neg}" for i in range(1, 5) for neg in ("", "_neg")}
+    assert a & b == small  # an uncapped set is whole in every sample; the capped set's samples never overlap
+    for ids in (a, b):  # a pair is never split
+        assert all((i + "_neg" in ids) for i in ids if not i.endswith("_neg"))
+    assert first.counts["rewrite_zh"]["train"] == second.counts["rewrite_zh"]["train"] == 100
+    assert json.loads((tmp_path / "s1" / "seed-data.json").read_text())["sample"] == 1
+    with pytest.raises(ValueError, match="sample"):
+        build_seed_data(tmp_path, tmp_path / "bad", sets=sets, sample=-1)
+
+
+def test_a_missing_public_set_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="task_gecor.jsonl"):
+        build_seed_data(tmp_path, tmp_path / "out", sets=SEED_SETS[:1])
