@@ -1,6 +1,7 @@
 """The nightly job (models/nightly.py) and `corefbot nightly`: skip, promote, refuse, crash, lock, exit codes."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -233,10 +234,22 @@ def test_nightly_from_a_gguf_base_serves_the_adapter(tmp_path: Path, tiny_gguf: 
     before = sha(tiny_gguf)
     # a budget far below the planned steps: training stops at a step boundary and the run still completes
     budget = {**QUICK, "max_steps": 100_000, "max_minutes": 0.05}
-    report = run_nightly(db, NightlyConfig(base_model=tiny_gguf, preset="tiny", finetune_overrides=budget,
-                                           min_agreement=0.0, agreement_examples=8, min_new_labels=10,
-                                           margin=-1.0))
+    config = NightlyConfig(base_model=tiny_gguf, preset="tiny", finetune_overrides=budget, min_agreement=0.0,
+                           agreement_examples=8, min_new_labels=10, margin=-1.0, n_threads=2)
+    report = run_nightly(db, config)
     assert report.status == "promoted", report.error
+    # Both sides of the promotion check were measured as the bot serves them, on the run's test split.
+    from corefbot.models.train.eval_resolver import evaluate
+    from corefbot.models.train.finetune import subset
+    from corefbot.models.train.run import run_split
+
+    def served_f1(model: Path | str, run_dir: str) -> float:
+        test = subset(run_split(run_dir)[0].test, QUICK["eval_max_examples"])
+        return evaluate(test, "llama-cpp", model_path=str(model), n_threads=2, progress=False)["decision"]["f1"]
+
+    assert "questions as served" in report.summary and report.baseline == "the base model"
+    assert report.f1_after == pytest.approx(served_f1(report.run_dir, report.run_dir))
+    assert report.f1_before == pytest.approx(served_f1(tiny_gguf, report.run_dir))
     assert "stopped by the 0.05-minute budget after" in report.summary and "of 100000 steps" in report.summary
     serving = read(db, registry.serving)
     decide = json.loads((Path(report.run_dir) / "decide.json").read_text())  # how the promoted run will decide
@@ -248,3 +261,9 @@ def test_nightly_from_a_gguf_base_serves_the_adapter(tmp_path: Path, tiny_gguf: 
     assert sha(tiny_gguf) == before
     with LlamaBackend(serving.gguf_path, n_threads=2) as backend:
         assert backend.resolve([Turn("a", "mmpose 好用吗", 0.0)], Turn("b", "它支持 TX2 吗？", 1.0)).decision
+
+    # A later candidate is compared with the serving run folder as it serves; refused, nothing changes.
+    second = run_nightly(db, dataclasses.replace(config, margin=1.01, force=True))
+    assert second.status == "rejected" and second.baseline == f"serving v{serving.id}"
+    assert second.f1_before == pytest.approx(served_f1(serving.gguf_path, second.run_dir))
+    assert read(db, registry.serving).id == serving.id

@@ -8,12 +8,17 @@
    writer is never blocked), then work on files only;
 3. too few labels changed since the last run that trained → skip with a note;
 4. train a LoRA adapter on the train split (``corefbot.models.train.run.run``) into a new run folder;
-5. evaluate the serving model on the same test split (its run folder: base + adapter; with nothing
-   serving, the base model) — so both F1 figures come from the same examples and all option orders;
+5. evaluate the serving model on the same test split, so both F1 figures come from the same examples.
+   From a GGUF base (the adapter route, the default) the candidate is exported first (its ``adapter.gguf``
+   and measured decide mode, ``corefbot.models.ship.lora.export_lora``) and both sides are measured as the
+   bot serves them: the shipped gate, each model's decide mode, rewrite validation — the serving version
+   from its run folder or GGUF, or the base GGUF when nothing serves yet. From a Hugging Face base (the
+   merge route) both are evaluated under PyTorch over all option orders (serving: base + its adapter);
 6. promote only when the candidate's F1 beats that by at least ``margin`` (the paper's Qwen1.5-4B lost
    11.5 F1 points after fine-tuning: a new adapter is not better by default);
-7. merge → GGUF → quantize → HF-vs-GGUF agreement (``corefbot.models.ship.export.export_gguf``), then register
-   and promote in the registry — the only step that changes what serves, and the last one.
+7. (merge route) merge → GGUF → quantize (``corefbot.models.ship.export.export_gguf``); served-vs-HF agreement
+   at least ``min_agreement``; then register and promote in the registry — the only step that changes what
+   serves, and the last one.
 
 A crash at any step leaves the registry's serving version and its GGUF file as they were: everything
 new is written under a new run folder, and the registry flips only at the end. Every run leaves a row
@@ -91,7 +96,7 @@ class NightlyReport:
     test: int = 0
     baseline: str = ""  # "serving v3", "base model"
     serving_before: int | None = None  # registry id serving when the run started
-    f1_before: float | None = None  # baseline's test F1 (mean over option orders)
+    f1_before: float | None = None  # baseline's test F1: as served (adapter route) or mean over option orders
     f1_after: float | None = None  # candidate's test F1
     margin: float = 0.0
     version_id: int | None = None  # the registered version (promoted or rejected)
@@ -271,6 +276,7 @@ class _State:
     agreement: float | None = None
     version_id: int | None = None
     budget_stop: str = ""  # how the training budget ended training, when it did
+    compared: str = "under PyTorch (all option orders)"  # how both F1 figures were measured
     seconds: dict[str, float] = field(default_factory=dict)
 
     def report(self, status: Status, summary: str, margin: float, reason: str = "", error: str = "") -> NightlyReport:
@@ -340,8 +346,7 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
     from corefbot.models.ship import registry
     from corefbot.models.train.finetune import load_preset, subset
     from corefbot.models.train.run import run as finetune_run
-    from corefbot.models.train.split import split_examples
-    from corefbot.pipeline.examples import load_examples
+    from corefbot.models.train.run import run_split
 
     margin = config.margin
     # ---- snapshot: everything we need from the bot's database, in one short read transaction ----
@@ -385,16 +390,32 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
     if trained.get("stopped_on_budget"):
         state.budget_stop = (f", stopped by the {cfg.max_minutes:g}-minute budget after {trained['steps']} of "
                              f"{trained['planned_steps']} steps")
-    split = split_examples(load_examples(data_path), seed=cfg.split_seed, fractions=cfg.split_fractions)
+    split, _ = run_split(run_dir)  # the run's own split, checked against its manifest
     state.sides = (len(split.train), len(split.validation), len(split.test))
-    state.f1_after = float(result.metrics["test"]["decision"]["f1"]["mean"])
-
-    # ---- the baseline on the same test examples ----
-    _step(state, "baseline", on_step)
-    t = time.perf_counter()
     test = subset(split.test, cfg.eval_max_examples)
-    state.baseline, state.f1_before = _baseline_f1(serving, base, test, cfg)
-    state.seconds["baseline"] = time.perf_counter() - t
+    from corefbot.models.serve.llama import DEFAULT_ROUTE
+
+    if base_model.gguf is not None and DEFAULT_ROUTE == "adapter":
+        # The adapter route: the run folder serves (base GGUF + adapter.gguf), so both sides of the promotion
+        # check are measured as served — the bot's resolver with each model's measured decide mode — and
+        # not by the HF letters, which a small model learns last (README, "Real Qwen").
+        _step(state, "export", on_step)
+        t = time.perf_counter()
+        quant, served_path, size_bytes, record = _export_adapter(run_dir, config, result.metrics, state)
+        state.seconds["export"] = time.perf_counter() - t
+        _step(state, "baseline", on_step)
+        t = time.perf_counter()
+        state.compared = "as served (gate, each model's decide mode, rewrite validation)"
+        state.f1_after = _served_f1(served_path, test, config)
+        state.baseline, state.f1_before = _served_baseline_f1(serving, base_model.gguf, test, config)
+        state.seconds["baseline"] = time.perf_counter() - t
+    else:
+        state.f1_after = float(result.metrics["test"]["decision"]["f1"]["mean"])
+        _step(state, "baseline", on_step)
+        t = time.perf_counter()
+        state.baseline, state.f1_before = _baseline_f1(serving, base, test, cfg)
+        state.seconds["baseline"] = time.perf_counter() - t
+        served_path = None
 
     # ---- the promotion check ----
     _step(state, "promotion", on_step)
@@ -411,39 +432,17 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
                    f"(candidate kept as v{state.version_id}, rejected).")
         return state.report("rejected", summary, margin, reason=reason)
 
-    # ---- GGUF for serving ----
-    _step(state, "export", on_step)
-    from corefbot.models.serve.llama import DECIDE_FILE, DEFAULT_ROUTE
-
-    t = time.perf_counter()
-    quant = config.quant
-    if base_model.gguf is not None and DEFAULT_ROUTE == "adapter":
-        # The adapter route: the base GGUF stays as it is and the run folder serves it with adapter.gguf.
-        from corefbot.models.ship.lora import export_lora
-
-        adapter, agreement = export_lora(run_dir, max_examples=config.agreement_examples,
-                                         n_threads=config.n_threads, progress=config.progress)
-        quant, served_path, size_bytes = "lora", run_dir.resolve(), adapter.stat().st_size
-        state.agreement = agreement.agreement if agreement is not None else math.nan
-        decision = result.metrics.get("test", {}).get("decision", {})
-        record = {"test_f1": decision.get("f1", {}).get("mean"), "agreement": state.agreement,
-                  "agreement_examples": agreement.examples if agreement else 0, "route": "adapter",
-                  "gguf_serve_f1": agreement.gguf_f1 if agreement else None,
-                  "hf_serve_f1": agreement.hf_f1 if agreement else None}
-        decide_file = run_dir / DECIDE_FILE
-        if decide_file.is_file():  # how the served run decides (COREFBOT_DECIDE_BY=auto), measured on the test split
-            decide = json.loads(decide_file.read_text())
-            record.update(decide_by=decide["decide_by"], decide_mcc_letter=decide["letter"]["mcc"],
-                          decide_mcc_rewrite=decide["rewrite"]["mcc"])
-    else:
+    if served_path is None:  # ---- the merge route: GGUF for serving ----
+        _step(state, "export", on_step)
         from corefbot.models.ship.export import export_gguf
 
+        t = time.perf_counter()
         exported = export_gguf(run_dir, config.quant, store=None, max_examples=config.agreement_examples,
                                n_threads=config.n_threads, progress=config.progress)
-        served_path, size_bytes = exported.gguf_path.resolve(), exported.size_bytes
+        quant, served_path, size_bytes = config.quant, exported.gguf_path.resolve(), exported.size_bytes
         state.agreement = exported.agreement.agreement
         record = json.loads((run_dir / f"export-{config.quant}.json").read_text())["metrics"]
-    state.seconds["export"] = time.perf_counter() - t
+        state.seconds["export"] = time.perf_counter() - t
     state.gguf_path = str(served_path)
     metrics = {**record, **_metrics(result.metrics, state)}
     if not state.agreement >= config.min_agreement:
@@ -470,6 +469,53 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
     summary = (f"{head} Promoted as v{version.id} ({quant}, {size_mb:.0f} MB; served decisions agree "
                f"with the HF model on {_pct(state.agreement)} of test questions{decides}), replacing {serving_name}.")
     return state.report("promoted", summary, margin, reason=reason)
+
+
+def _export_adapter(run_dir: Path, config: NightlyConfig, finetune_metrics: dict,
+                    state: _State) -> tuple[str, Path, int, dict[str, Any]]:
+    """adapter.gguf and decide.json for the run folder; (quant, served path, size, registry record)."""
+    from corefbot.models.serve.llama import DECIDE_FILE
+    from corefbot.models.ship.lora import export_lora
+
+    adapter, agreement = export_lora(run_dir, max_examples=config.agreement_examples,
+                                     n_threads=config.n_threads, progress=config.progress)
+    state.agreement = agreement.agreement if agreement is not None else math.nan
+    decision = finetune_metrics.get("test", {}).get("decision", {})
+    record = {"test_f1": decision.get("f1", {}).get("mean"), "agreement": state.agreement,
+              "agreement_examples": agreement.examples if agreement else 0, "route": "adapter",
+              "gguf_serve_f1": agreement.gguf_f1 if agreement else None,
+              "hf_serve_f1": agreement.hf_f1 if agreement else None}
+    decide_file = run_dir / DECIDE_FILE
+    if decide_file.is_file():  # how the served run decides (COREFBOT_DECIDE_BY=auto), measured on the test split
+        decide = json.loads(decide_file.read_text())
+        record.update(decide_by=decide["decide_by"], decide_mcc_letter=decide["letter"]["mcc"],
+                      decide_mcc_rewrite=decide["rewrite"]["mcc"])
+    return "lora", run_dir.resolve(), adapter.stat().st_size, record
+
+
+def _served_f1(model: str | Path, test: list, config: NightlyConfig) -> float:
+    """Decision F1 on ``test`` of the bot's resolver serving ``model`` (a run folder or a GGUF) with its
+    default settings: the shipped gate, the model's measured decide mode, rewrite validation."""
+    from corefbot.models.train.eval_resolver import evaluate
+
+    report = evaluate(test, "llama-cpp", model_path=str(model), n_threads=config.n_threads,
+                      progress=config.progress)
+    return float(report["decision"]["f1"])
+
+
+def _served_baseline_f1(serving: Any, base_gguf: Path, test: list, config: NightlyConfig) -> tuple[str, float]:
+    """(name, served F1 on ``test``) of what the candidate must beat: the serving version as it serves
+    (its run folder or GGUF), or the base GGUF when nothing is promoted yet."""
+    if serving is None:
+        return "the base model", _served_f1(base_gguf, test, config)
+    if serving.gguf_path and Path(serving.gguf_path).exists():
+        return f"serving v{serving.id}", _served_f1(serving.gguf_path, test, config)
+    if serving.f1 is not None:
+        log.warning("serving v%d has no model file to evaluate (%r); comparing with its recorded F1",
+                    serving.id, serving.gguf_path)
+        return f"serving v{serving.id} (recorded F1)", serving.f1
+    raise ValueError(f"serving v{serving.id} has neither a model file ({serving.gguf_path!r}) nor a recorded F1: "
+                     "nothing to compare a candidate with (roll back or register its metrics)")
 
 
 def _snapshot(store: Any, config: NightlyConfig) -> tuple[list, dict, Any, float, float | None]:
@@ -547,7 +593,7 @@ def _trained_sentence(state: _State, config: NightlyConfig, preset: str, base: P
     minutes = state.seconds.get("train", 0.0) / 60
     return (f"Nightly retrain ({config.trigger}): {state.labels} labels ({state.new_labels} new, "
             f"{state.needs} needing resolution); LoRA on {base.name} ({preset} preset) trained on {train} examples "
-            f"in {minutes:.1f} min{state.budget_stop}; on {test} held-out test questions (all option orders) decision F1 "
+            f"in {minutes:.1f} min{state.budget_stop}; on {test} held-out test questions {state.compared}, decision F1 "
             f"{_pct(state.f1_before)} ({state.baseline}) → {_pct(state.f1_after)} "
             f"({_signed_points((state.f1_after or 0) - (state.f1_before or 0))} points; "
             f"promotion needs {_signed_points(config.margin)}).")
