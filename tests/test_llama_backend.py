@@ -244,14 +244,14 @@ def test_a_rewrite_read_against_the_question_is_the_plain_greedy_line(backend: L
         full = backend._tokenize(build_prompt(WINDOW, question, SERVE_ORDER).chatml())
         backend._reset_context()
         backend._decode(full, job)
-        plain = backend._generate_line(job, lead)
+        plain, _ = backend._generate_line(job, lead)
         own = backend._live[len(full) + len(lead):]  # the tokens it wrote (the one that ended the line is never evaluated)
         assert plain and own, "the tiny model wrote no line"
         rows = []
         for guess in (own, own[: len(own) // 2] + other, other):
             backend._reset_context()
             backend._decode(full, job)
-            rows.append((plain, backend._generate_line(job, lead, guess), backend.last_rewrite_steps, len(own)))
+            rows.append((plain, backend._generate_line(job, lead, guess)[0], backend.last_rewrite_steps, len(own)))
         return rows
 
     rows = [row for q in QUESTIONS for row in backend.call(lambda job, q=q: rewrites(job, q), timeout_s=300)]
@@ -260,3 +260,39 @@ def test_a_rewrite_read_against_the_question_is_the_plain_greedy_line(backend: L
     assert any(steps == 0 for *_, steps, _ in own), "the model's own line was never copied in one batch"
     assert all(steps <= n - n // 2 + 1 for *_, steps, n in halfway)
     assert all(steps >= 1 for *_, steps, _ in unrelated)
+
+
+def test_deciding_by_the_rewrite_reports_the_probability_of_copying_the_question(tiny_gguf: Path):
+    """In rewrite mode the confidence is P(the line after the "needs" letter is the question, then a line
+    end), computed from the same batch; checked against a separate llama.cpp evaluation of those tokens."""
+    import math
+
+    import llama_cpp
+    import numpy as np
+
+    question = QUESTIONS[0]
+    with LlamaBackend(tiny_gguf, n_threads=2, decide_by="rewrite") as served:
+        res = served.resolve(WINDOW, question)
+        full = served._tokenize(build_prompt(WINDOW, question, SERVE_ORDER).chatml())
+        lead = [served._letters[SERVE_ORDER.index("needs")], served._nl]
+    assert res.probs["not_needed"] + res.probs["needs"] == pytest.approx(1.0) and res.probs["unknown"] == 0.0
+
+    llm = llama_cpp.Llama(str(tiny_gguf), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+    try:
+        guess = llm.tokenize(question.text.encode(), add_bos=False, special=False)
+        llm.eval(full + lead + guess)
+        vocab = llm._model.vocab
+        control = [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_control(vocab, t)
+                   and not llama_cpp.llama_vocab_is_eog(vocab, t)]
+        ends = [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)] + lead[1:]
+        logp = 0.0
+        for i, token in enumerate([*guess, None]):
+            row = np.array(llm.scores[len(full) + len(lead) - 1 + i], dtype=np.float64)
+            row[control] = -np.inf
+            row -= row.max()
+            row -= math.log(np.exp(row).sum())
+            logp += math.log(np.exp(row[ends]).sum()) if token is None else row[token]
+    finally:
+        llm.close()
+    # In logs: a random-weight model copies with a tiny probability, and every token's term must be right.
+    assert math.log(res.probs["not_needed"]) == pytest.approx(logp, abs=0.05)

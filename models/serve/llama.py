@@ -64,7 +64,8 @@ RewriteMode = Literal["auto", "always", "never"]
 #: on the seed recipe's held-out sets, a fine-tuned 0.5B rewrites well long before its letters carry the
 #: decision (README, "Real Qwen"); the price is a rewrite's generation time on every question (a question the
 #: model copies costs one batch, see :meth:`LlamaBackend._generate_line`). ``probs`` (and so the margin the
-#: labels plugin asks and queues by) stay the letters' in both modes.
+#: labels plugin asks and queues by) follow the mode: the letters', or in rewrite mode the probability that
+#: the model copies the question as it is ("not_needed") and the rest ("needs").
 DecideBy = Literal["letter", "rewrite"]
 #: "auto": the mode measured better for a run folder (its ``decide.json``, written by ``corefbot export-lora``
 #: and the nightly job); "letter" for a bare GGUF or a run folder without the measurement.
@@ -274,6 +275,8 @@ class LlamaBackend:
         self._control_bias = {t: -math.inf for t in range(self._n_vocab)
                               if llama_cpp.llama_vocab_is_control(self._vocab, t)
                               and not llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+        # What ends a rewrite line: an end-of-generation token, or the newline.
+        self._line_ends = [t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)] + [self._nl]
         self._live: list[int] = []  # tokens whose KV is in seq 0 of the context, in order
         self._groups: OrderedDict[str, _SavedState] = OrderedDict()
         self._state_bytes = 0
@@ -571,13 +574,15 @@ class LlamaBackend:
         decision: Decision = max(probs, key=probs.__getitem__)
         if self.decide_by == "letter":
             self.last_decision_ms = (time.perf_counter() - job.submitted) * 1000  # the rewrite comes after it
-        rewrite = None
+        rewrite, copy_p = None, None
         if self.decide_by == "rewrite" or job.rewrite == "always" or (job.rewrite == "auto" and decision == "needs"):
             lead = [self._letters[SERVE_ORDER.index("needs")], self._nl]
             question = self._llm.tokenize(one_line(job.question.text).encode("utf-8"), add_bos=False, special=False)
-            rewrite = self._generate_line(job, lead, question)
+            rewrite, copy_p = self._generate_line(job, lead, question)
         if self.decide_by == "rewrite":
             decision = "needs" if rewrite and adds_content(job.question.text, rewrite) else "not_needed"
+            if copy_p is not None:  # the rewrite's own confidence; the letters' is noise where this mode wins
+                probs = {"needs": 1.0 - copy_p, "not_needed": copy_p, "unknown": 0.0}
             if decision != "needs" and job.rewrite != "always":
                 rewrite = None
             self.last_decision_ms = (time.perf_counter() - job.submitted) * 1000  # known once the rewrite is
@@ -595,8 +600,11 @@ class LlamaBackend:
         total = sum(exps)
         return {SERVE_ORDER[i]: exps[i] / total for i in range(len(LETTERS))}
 
-    def _generate_line(self, job: _Job, lead: Sequence[int], guess: Sequence[int] = ()) -> str | None:
-        """Greedy generation of one line under the grammar after ``lead`` (the answer letter and a newline).
+    def _generate_line(self, job: _Job, lead: Sequence[int],
+                       guess: Sequence[int] = ()) -> tuple[str | None, float | None]:
+        """Greedy generation of one line under the grammar after ``lead`` (the answer letter and a newline);
+        the line, and the probability that the model copies ``guess`` whole and ends the line there (None
+        without a guess).
 
         ``guess`` (the question's own tokens) is evaluated in the same batch as the lead, with the logits
         of every position: while the sampler picks the guess's next token, that token is already in the
@@ -611,6 +619,7 @@ class LlamaBackend:
         line_start = len(self._live) + len(lead)
         self._decode([*lead, *guess], job, logits_all=bool(guess))
         at = len(lead) - 1  # batch position of the logits for the line's first token
+        copy_p = self._copy_probability(at, guess) if guess else None
         following = bool(guess)
         sampler = LlamaSampler()
         try:
@@ -642,4 +651,24 @@ class LlamaBackend:
         finally:
             sampler.close()
         text = out.decode("utf-8", errors="ignore").strip()
-        return text or None
+        return text or None, copy_p
+
+    def _copy_probability(self, at: int, guess: Sequence[int]) -> float:
+        """P(the line is ``guess`` and ends): the product of each guess token's probability and then a line
+        end's, from the logits of batch positions ``at`` … ``at + len(guess)`` (control tokens masked, as
+        the sampler masks them). Deciding by the rewrite reads its confidence from this."""
+        import numpy as np
+
+        masked = list(self._control_bias)
+        logp = 0.0
+        for i, token in enumerate([*guess, None]):
+            row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at + i),
+                                        shape=(self._n_vocab,)).astype(np.float64)
+            row[masked] = -np.inf
+            top = row.max()
+            log_total = top + math.log(np.exp(row - top).sum())
+            if token is None:
+                logp += math.log(max(np.exp(row[self._line_ends] - log_total).sum(), 1e-300))
+            else:
+                logp += float(row[token]) - log_total
+        return math.exp(logp)
