@@ -171,7 +171,7 @@ def encode_examples(examples: Sequence[Example], tokenizer: Any, *, seed: int = 
                 continue
             out.append(Encoded(e.id, tuple(ids), n_prompt, letter_weight))
     if dropped:
-        log.warning("dropped %d of %d examples longer than %s tokens", dropped, len(examples), sequence_len)
+        log.warning("dropped %d of %d sequences longer than %s tokens", dropped, len(out) + dropped, sequence_len)
     return out, dropped
 
 
