@@ -277,6 +277,7 @@ class LlamaBackend:
                               and not llama_cpp.llama_vocab_is_eog(self._vocab, t)}
         # What ends a rewrite line: an end-of-generation token, or the newline.
         self._line_ends = [t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)] + [self._nl]
+        self._control_ids = list(self._control_bias)  # masked in the copy probability, as the sampler masks them
         self._live: list[int] = []  # tokens whose KV is in seq 0 of the context, in order
         self._groups: OrderedDict[str, _SavedState] = OrderedDict()
         self._state_bytes = 0
@@ -604,7 +605,7 @@ class LlamaBackend:
                        guess: Sequence[int] = ()) -> tuple[str | None, float | None]:
         """Greedy generation of one line under the grammar after ``lead`` (the answer letter and a newline);
         the line, and the probability that the model copies ``guess`` whole and ends the line there (None
-        without a guess).
+        without a guess, or when deciding by the letter).
 
         ``guess`` (the question's own tokens) is evaluated in the same batch as the lead, with the logits
         of every position: while the sampler picks the guess's next token, that token is already in the
@@ -619,7 +620,8 @@ class LlamaBackend:
         line_start = len(self._live) + len(lead)
         self._decode([*lead, *guess], job, logits_all=bool(guess))
         at = len(lead) - 1  # batch position of the logits for the line's first token
-        copy_p = self._copy_probability(at, guess) if guess else None
+        # Only deciding by the rewrite reads it: letter mode keeps the softmax over the vocabulary off its hot path.
+        copy_p = self._copy_probability(at, guess) if guess and self.decide_by == "rewrite" else None
         following = bool(guess)
         sampler = LlamaSampler()
         try:
@@ -659,12 +661,11 @@ class LlamaBackend:
         the sampler masks them). Deciding by the rewrite reads its confidence from this."""
         import numpy as np
 
-        masked = list(self._control_bias)
         logp = 0.0
         for i, token in enumerate([*guess, None]):
             row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at + i),
                                         shape=(self._n_vocab,)).astype(np.float64)
-            row[masked] = -np.inf
+            row[self._control_ids] = -np.inf
             top = row.max()
             log_total = top + math.log(np.exp(row - top).sum())
             if token is None:
