@@ -51,3 +51,34 @@ def test_successive_samples_are_fresh_pairs_with_the_same_held_out_part(tmp_path
 def test_a_missing_public_set_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="task_gecor.jsonl"):
         build_seed_data(tmp_path, tmp_path / "out", sets=SEED_SETS[:1])
+
+
+@pytest.mark.slow
+def test_seed_from_a_gguf_base_ends_servable_with_figures_as_served(tiny_gguf: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one command: train from the serving GGUF, export the adapter, pick the decide mode, evaluate as served."""
+    pytest.importorskip("llama_cpp")
+    from corefbot.cli import main
+    from corefbot.models.serve.llama import served_model
+    from tests.test_finetune import chat_examples, write_unified
+
+    monkeypatch.setenv("COREFBOT_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "public"
+    data.mkdir()
+    for i, name in enumerate(("task_gecor.jsonl", "canard_dev.jsonl", "rewrite_zh_train.jsonl")):
+        rows = write_unified(data / name, chat_examples(24, seed=i)).read_text()
+        (data / name).write_text(rows.replace('"source": "t"', f'"source": "s{i}"'))  # ids unique across sets
+    run = tmp_path / "seed"
+    assert main(["seed", "--base", str(tiny_gguf), "--out", str(run), "--data-dir", str(data), "--preset", "tiny",
+                 "--max-steps", "2", "--per-set", "3", "--decide-examples", "6", "--threads", "2"]) == 0
+
+    assert (run / "adapter.gguf").is_file()
+    decide = json.loads((run / "decide.json").read_text())
+    figures = json.loads((run / "figures.json").read_text())
+    assert figures["engine"] == "llama" and figures["decide_by"] == decide["decide_by"]
+    assert served_model(run).decide_by == decide["decide_by"]
+    served = {s["name"]: s["served"] for s in figures["sets"]}
+    assert {"cases_en", "cases_zh"} <= set(served)  # the project's own held-out cases are always there
+    for s in served.values():
+        d = s["decision"]
+        assert s["decide_by"] == decide["decide_by"] and d["tp"] + d["fp"] + d["fn"] + d["tn"] == 3

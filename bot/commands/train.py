@@ -58,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "pairs for a further sitting; the held-out parts never change)")
     p.add_argument("--data-only", action="store_true",
                    help="write seed-data/ and stop (then train on it with corefbot train, e.g. --init-adapter)")
+    p.add_argument("--decide-examples", type=int, default=40,
+                   help="from a GGUF base: test questions on which export-lora checks the adapter against the HF "
+                        "model and picks the decide mode (default 40)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (from a GGUF base: export and figures as served)")
     p.add_argument("--device", help="cpu, cuda … (default: cuda when present)")
     p.set_defaults(func=cmd_seed)
 
@@ -167,7 +171,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_seed(args: argparse.Namespace) -> int:
     from corefbot.models.train.finetune import load_preset
-    from corefbot.models.train.run import run
+    from corefbot.models.serve.llama import served_model
+    from corefbot.models.train.run import read_run, run
     from corefbot.models.train.seed import build_seed_data
 
     out = Path(args.out)
@@ -186,6 +191,15 @@ def cmd_seed(args: argparse.Namespace) -> int:
           f"peak memory {tr['peak_memory_bytes'] / 2**30:.2f} GiB")
     if args.no_figures:
         return 0
+    if read_run(out)[0].get("base_gguf"):
+        # Trained from the GGUF the bot serves: make the run folder servable (adapter.gguf, and decide.json from
+        # its test split) and report the held-out figures as the group will get them, through llama.cpp.
+        args.run_dir, args.max_examples = out, args.decide_examples
+        cmd_export_lora(args)
+        decide_by = served_model(out).decide_by or "letter"
+        return _print_figures(out, data.heldout, args.per_set, rewrites=decide_by == "letter",
+                              report=out / "figures.json", engine="llama", n_threads=args.threads,
+                              decide_by=decide_by, served=True)
     return _print_figures(out, data.heldout, args.per_set, rewrites=True, report=out / "figures.json")
 
 
