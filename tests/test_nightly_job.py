@@ -267,3 +267,24 @@ def test_nightly_from_a_gguf_base_serves_the_adapter(tmp_path: Path, tiny_gguf: 
     assert second.status == "rejected" and second.baseline == f"serving v{serving.id}"
     assert second.f1_before == pytest.approx(served_f1(serving.gguf_path, second.run_dir))
     assert read(db, registry.serving).id == serving.id
+
+
+def test_a_serving_version_without_files_is_compared_by_its_recorded_f1_or_refused(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from corefbot.models.ship.nightly import _compare_with
+
+    measured: list[Path] = []
+
+    def f1_of(path: Path) -> float:
+        measured.append(path)
+        return 0.5
+
+    base, files = tmp_path / "base.gguf", tmp_path / "run"
+    assert _compare_with(None, None, base, f1_of) == ("the base model", 0.5)
+    hand = SimpleNamespace(id=3, f1=0.7, run_dir=None, gguf_path="/gone.gguf")
+    assert _compare_with(hand, files, base, f1_of) == ("serving v3", 0.5)
+    assert measured == [base, files]
+    assert _compare_with(hand, None, base, f1_of) == ("serving v3 (recorded F1)", 0.7)
+    with pytest.raises(ValueError, match="serving v3 has neither model files .*/gone.gguf"):
+        _compare_with(SimpleNamespace(**{**vars(hand), "f1": None}), None, base, f1_of)

@@ -506,16 +506,9 @@ def _served_f1(model: str | Path, test: list, config: NightlyConfig) -> float:
 def _served_baseline_f1(serving: Any, base_gguf: Path, test: list, config: NightlyConfig) -> tuple[str, float]:
     """(name, served F1 on ``test``) of what the candidate must beat: the serving version as it serves
     (its run folder or GGUF), or the base GGUF when nothing is promoted yet."""
-    if serving is None:
-        return "the base model", _served_f1(base_gguf, test, config)
-    if serving.gguf_path and Path(serving.gguf_path).exists():
-        return f"serving v{serving.id}", _served_f1(serving.gguf_path, test, config)
-    if serving.f1 is not None:
-        log.warning("serving v%d has no model file to evaluate (%r); comparing with its recorded F1",
-                    serving.id, serving.gguf_path)
-        return f"serving v{serving.id} (recorded F1)", serving.f1
-    raise ValueError(f"serving v{serving.id} has neither a model file ({serving.gguf_path!r}) nor a recorded F1: "
-                     "nothing to compare a candidate with (roll back or register its metrics)")
+    path = Path(serving.gguf_path) if serving is not None and serving.gguf_path else None
+    return _compare_with(serving, path if path is not None and path.exists() else None, base_gguf,
+                         lambda model: _served_f1(model, test, config))
 
 
 def _snapshot(store: Any, config: NightlyConfig) -> tuple[list, dict, Any, float, float | None]:
@@ -557,27 +550,36 @@ def _write_data(examples: list, out: Path, labels: dict) -> None:
 
 
 def _baseline_f1(serving: Any, base: Path, test: list, cfg: Any) -> tuple[str, float]:
-    """(name, test F1) of what the candidate must beat, evaluated on ``test`` the same way."""
+    """(name, test F1) of what the candidate must beat, evaluated on ``test`` the same way (under PyTorch)."""
     from corefbot.models.train.evaluate import evaluate_decisions, load_model
 
-    if serving is not None:
-        run_dir = Path(serving.run_dir) if serving.run_dir else None
-        if run_dir is not None and (run_dir / "adapter").is_dir() and (run_dir / "config.yaml").is_file():
-            name, path = f"serving v{serving.id}", run_dir
-        elif serving.f1 is not None:
-            # A version registered by hand (no run folder to evaluate): its recorded F1 is all we have.
-            log.warning("serving v%d has no run folder to evaluate; comparing with its recorded F1", serving.id)
-            return f"serving v{serving.id} (recorded F1)", serving.f1
-        else:
-            raise ValueError(f"serving v{serving.id} has neither a run folder ({serving.run_dir!r}) nor a recorded "
-                             "F1: nothing to compare a candidate with (roll back or register its metrics)")
-    else:
-        name, path = "the base model", base
-    model, tokenizer = load_model(path, device=cfg.device, dtype=cfg.dtype)
-    try:
-        return name, float(evaluate_decisions(model, tokenizer, test).stat("f1").mean)
-    finally:
-        del model
+    def f1_of(path: Path) -> float:
+        model, tokenizer = load_model(path, device=cfg.device, dtype=cfg.dtype)
+        try:
+            return float(evaluate_decisions(model, tokenizer, test).stat("f1").mean)
+        finally:
+            del model
+
+    run_dir = Path(serving.run_dir) if serving is not None and serving.run_dir else None
+    ok = run_dir is not None and (run_dir / "adapter").is_dir() and (run_dir / "config.yaml").is_file()
+    return _compare_with(serving, run_dir if ok else None, base, f1_of)
+
+
+def _compare_with(serving: Any, model: Path | None, base: Path, f1_of: Callable[[Path], float]) -> tuple[str, float]:
+    """(name, F1) of the serving version measured from ``model`` (its files; None: none to evaluate), or of
+    ``base`` when nothing is promoted yet. A version registered by hand without files is compared by its
+    recorded F1; one with neither cannot be compared."""
+    if serving is None:
+        return "the base model", f1_of(base)
+    if model is not None:
+        return f"serving v{serving.id}", f1_of(model)
+    if serving.f1 is not None:
+        log.warning("serving v%d has no model files to evaluate (run folder %r, model %r); comparing with its "
+                    "recorded F1", serving.id, serving.run_dir, serving.gguf_path)
+        return f"serving v{serving.id} (recorded F1)", serving.f1
+    raise ValueError(f"serving v{serving.id} has neither model files (run folder {serving.run_dir!r}, model "
+                     f"{serving.gguf_path!r}) nor a recorded F1: nothing to compare a candidate with (roll back or "
+                     "register its metrics)")
 
 
 def _metrics(finetune_metrics: dict, state: _State) -> dict[str, Any]:
