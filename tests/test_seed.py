@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from corefbot.models.train.seed import SEED_SETS, SeedSet, _rewrite_held, build_seed_data
 
@@ -82,3 +83,11 @@ def test_seed_from_a_gguf_base_ends_servable_with_figures_as_served(tiny_gguf: P
     for s in served.values():
         d = s["decision"]
         assert s["decide_by"] == decide["decide_by"] and d["tp"] + d["fp"] + d["fn"] + d["tn"] == 3
+
+    # A further sitting is one command too: fresh training pairs, the same held-out part, this adapter continued.
+    again = tmp_path / "seed2"
+    assert main(["seed", "--base", str(tiny_gguf), "--out", str(again), "--data-dir", str(data), "--preset", "tiny",
+                 "--max-steps", "1", "--sample", "1", "--init-adapter", str(run), "--lr", "1e-4", "--no-figures"]) == 0
+    config = yaml.safe_load((again / "config.yaml").read_text())
+    assert config["init_adapter"] == str(run.resolve()) and config["learning_rate"] == 1e-4
+    assert (again / "seed-data" / "heldout-task.jsonl").read_text() == (run / "seed-data" / "heldout-task.jsonl").read_text()

@@ -57,7 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="which successive sample of the large sets to train on (default 0; 1, 2 … are fresh "
                         "pairs for a further sitting; the held-out parts never change)")
     p.add_argument("--data-only", action="store_true",
-                   help="write seed-data/ and stop (then train on it with corefbot train, e.g. --init-adapter)")
+                   help="write seed-data/ and stop (then train on it with corefbot train)")
+    p.add_argument("--init-adapter", metavar="RUN_DIR",
+                   help="a further sitting: continue this seed run's adapter (use with --sample 1, 2 …)")
+    p.add_argument("--lr", dest="learning_rate", type=float,
+                   help="peak learning rate (default: the preset's; a further sitting does well with half)")
     p.add_argument("--decide-examples", type=int, default=40,
                    help="from a GGUF base: test questions on which export-lora checks the adapter against the HF "
                         "model and picks the decide mode (default 40)")
@@ -182,7 +186,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
     if args.data_only:
         print(f"seed data    {data.train}")
         return 0
-    config = load_preset(args.preset, max_minutes=args.max_minutes, max_steps=args.max_steps, device=args.device)
+    init = str(Path(args.init_adapter).resolve()) if args.init_adapter else None
+    config = load_preset(args.preset, max_minutes=args.max_minutes, max_steps=args.max_steps, device=args.device,
+                         init_adapter=init, learning_rate=args.learning_rate)
     result = run(args.base, [data.train], out, config)
     tr = result.metrics["train"]
     print(f"trained      {tr['steps']} steps ({tr['planned_steps']} planned{', stopped on the budget' if tr['stopped_on_budget'] else ''}), "
