@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-adapter", metavar="RUN_DIR",
                    help="a further sitting: continue this seed run's adapter (use with --sample 1, 2 …)")
     p.add_argument("--lr", dest="learning_rate", type=float,
-                   help="peak learning rate (default: the preset's; a further sitting does well with half)")
+                   help="peak learning rate (default: the preset's; the README's further sittings used half)")
     p.add_argument("--decide-examples", type=int, default=40,
                    help="from a GGUF base: test questions on which export-lora checks the adapter against the HF "
                         "model and picks the decide mode (default 40)")
@@ -140,8 +140,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "decision_weight", "init_adapter", "copy_unneeded", "loraplus_lr_ratio", "micro_batch_size",
         "gradient_accumulation_steps", "eval_max_examples", "eval_base", "eval_rewrites", "device", "seed")}
-    if args.init_adapter:
-        overrides["init_adapter"] = str(Path(args.init_adapter).resolve())
     config = load_preset(args.preset, **overrides)
     result = run(args.base, args.data, args.out, config, select=args.select, keep=args.keep)
     m = result.metrics
@@ -186,9 +184,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
     if args.data_only:
         print(f"seed data    {data.train}")
         return 0
-    init = str(Path(args.init_adapter).resolve()) if args.init_adapter else None
     config = load_preset(args.preset, max_minutes=args.max_minutes, max_steps=args.max_steps, device=args.device,
-                         init_adapter=init, learning_rate=args.learning_rate)
+                         init_adapter=args.init_adapter, learning_rate=args.learning_rate)
     result = run(args.base, [data.train], out, config)
     tr = result.metrics["train"]
     print(f"trained      {tr['steps']} steps ({tr['planned_steps']} planned{', stopped on the budget' if tr['stopped_on_budget'] else ''}), "

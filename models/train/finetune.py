@@ -135,6 +135,9 @@ def load_preset(name_or_path: str, **overrides: Any) -> FinetuneConfig:
     data = yaml.safe_load(path.read_text()) or {}
     data.setdefault("preset", path.stem)
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if data.get("init_adapter"):
+        # The run folder records the adapter it continued; a relative path would not name it from elsewhere.
+        data["init_adapter"] = str(Path(data["init_adapter"]).resolve())
     return FinetuneConfig.from_dict(data, str(path))
 
 
