@@ -82,6 +82,22 @@ def test_encoding_masks_exactly_the_response(tiny_hf: Path) -> None:
             assert x.rewrite and response.split("\n")[1].startswith(x.rewrite[:5])
     # Option order balanced per letter: the correct letter lands on A, B and C equally often.
     assert {letters.count(L) for L in LETTERS} == {10}
+
+
+def test_serve_order_training_renders_every_prompt_as_served(tiny_hf: Path) -> None:
+    """option_orders "serve": every training prompt is the served prompt, so each decision has one letter."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf)
+    exs = chat_examples(12)
+    enc, _ = encode_examples(exs, tok, option_orders="serve")
+    for e, x in zip(enc, exs):
+        served = build_prompt(x.window, x.question)
+        assert tok.decode(list(e.ids[: e.n_prompt])) == served.chatml()
+        assert tok.decode(list(e.ids[e.n_prompt:])).startswith(served.letter(x.label))
+    assert {tok.decode([e.ids[e.n_prompt]]) for e in enc} == {"A", "B"}
+    with pytest.raises(ValueError, match="option_orders"):
+        encode_examples(exs, tok, option_orders="shuffled")  # type: ignore[arg-type]
     short, dropped = encode_examples(exs, tok, sequence_len=40)
     assert dropped == len(exs) - len(short) and dropped > 0
 

@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--copy-unneeded", dest="copy_unneeded", action="store_true", default=None,
                    help="also train the question itself as the rewrite of each question that needs nothing "
                         "(what deciding by the rewrite reads)")
+    _option_orders_option(p)
     p.add_argument("--loraplus-ratio", dest="loraplus_lr_ratio", type=float, help="LoRA+: B-matrix lr multiple (e.g. 16)")
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=int)
@@ -62,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a further sitting: continue this seed run's adapter (use with --sample 1, 2 …)")
     p.add_argument("--lr", dest="learning_rate", type=float,
                    help="peak learning rate (default: the preset's; the README's further sittings used half)")
+    _option_orders_option(p)
     p.add_argument("--decide-examples", type=int, default=40,
                    help="from a GGUF base: test questions on which export-lora checks the adapter against the HF "
                         "model and picks the decide mode (default 40)")
@@ -133,12 +135,18 @@ def _pct(stat: dict) -> str:
     return f"{100 * mean:.1f}% ± {100 * std:.1f}"
 
 
+def _option_orders_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--option-orders", choices=["balanced", "serve"],
+                   help="option order of the training prompts: balanced over the letters, or the serving order "
+                        "only (default: the preset's)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from corefbot.models.train.finetune import load_preset
     from corefbot.models.train.run import run
 
     overrides = {k: getattr(args, k) for k in (
-        "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "decision_weight", "init_adapter", "copy_unneeded", "loraplus_lr_ratio", "micro_batch_size",
+        "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "decision_weight", "init_adapter", "copy_unneeded", "option_orders", "loraplus_lr_ratio", "micro_batch_size",
         "gradient_accumulation_steps", "eval_max_examples", "eval_base", "eval_rewrites", "device", "seed")}
     config = load_preset(args.preset, **overrides)
     result = run(args.base, args.data, args.out, config, select=args.select, keep=args.keep)
@@ -185,7 +193,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
         print(f"seed data    {data.train}")
         return 0
     config = load_preset(args.preset, max_minutes=args.max_minutes, max_steps=args.max_steps, device=args.device,
-                         init_adapter=args.init_adapter, learning_rate=args.learning_rate)
+                         init_adapter=args.init_adapter, learning_rate=args.learning_rate,
+                         option_orders=args.option_orders)
     result = run(args.base, [data.train], out, config)
     tr = result.metrics["train"]
     print(f"trained      {tr['steps']} steps ({tr['planned_steps']} planned{', stopped on the budget' if tr['stopped_on_budget'] else ''}), "

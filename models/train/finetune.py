@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from corefbot.pipeline.prompt import balanced_orders, build_prompt, target
+from corefbot.pipeline.prompt import SERVE_ORDER, balanced_orders, build_prompt, target
 from corefbot.pipeline.records import Example
 from corefbot.models.train.base import file_sha256  # noqa: F401 - re-exported: run folders hash their data
 from corefbot.models.train.evaluate import decoder_and_head, encode, pick_device, torch_dtype_for
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 PRESETS_DIR = Path(__file__).with_name("presets")
 SelectMethod = Literal["lobass", "ifd"]
 Scheduler = Literal["cosine", "linear", "constant"]
+OptionOrders = Literal["balanced", "serve"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,12 @@ class FinetuneConfig:
     # trained on rewrites only, a model learned that the line after it always changes the question, and
     # rewrote self-contained questions with words from the chat (README, "Real Qwen").
     copy_unneeded: bool = False
+    # The option order of the training prompts. "balanced": shuffled so the right letter lands on A, B and C
+    # equally often (the paper's setting; the model must read the options). "serve": always the order the
+    # bot serves in (SERVE_ORDER), so the letter is a fixed class token: after a CPU sitting of ~300 steps
+    # a balanced-order adapter still answered by position (README, "Real Qwen"). Evaluation over all six
+    # orders then measures how much the model relies on that position.
+    option_orders: OptionOrders = "balanced"
 
     def replace(self, **changes: Any) -> "FinetuneConfig":
         return dataclasses.replace(self, **changes)
@@ -154,12 +161,18 @@ class Encoded:
 
 
 def encode_examples(examples: Sequence[Example], tokenizer: Any, *, seed: int = 0,
-                    sequence_len: int | None = None, copy_unneeded: bool = False) -> tuple[list[Encoded], int]:
-    """Render each example once, in an option order balanced per letter (as the alpaca export does),
-    with the target response; returns the sequences and how many were dropped as too long.
+                    sequence_len: int | None = None, copy_unneeded: bool = False,
+                    option_orders: OptionOrders = "balanced") -> tuple[list[Encoded], int]:
+    """Render each example once, in an option order balanced per letter (as the alpaca export does) or in
+    the serving order, with the target response; returns the sequences and how many were dropped as too long.
     ``copy_unneeded``: also a sequence per "not_needed" example whose response is the "needs" letter (weight
     0) and the question copied (:attr:`FinetuneConfig.copy_unneeded`)."""
-    orders = balanced_orders([e.label for e in examples], seed)
+    if option_orders == "serve":
+        orders = [SERVE_ORDER] * len(examples)
+    elif option_orders == "balanced":
+        orders = balanced_orders([e.label for e in examples], seed)
+    else:
+        raise ValueError(f"option_orders: {option_orders!r} is neither 'balanced' nor 'serve'")
     out: list[Encoded] = []
     dropped = 0
     for e, order in zip(examples, orders):
@@ -539,7 +552,7 @@ def validate(model: Any, tokenizer: Any, split: Split, config: FinetuneConfig, *
     metrics: dict[str, Any] = {}
     val = subset(split.validation, config.eval_max_examples)
     if val:
-        enc, _ = encode_examples(val, tokenizer, seed=config.seed)
+        enc, _ = encode_examples(val, tokenizer, seed=config.seed, option_orders=config.option_orders)
         losses = response_losses(model, tokenizer, [(e.ids, e.n_prompt) for e in enc], progress=progress,
                                  desc="validation loss")
         metrics["validation"] = {
@@ -612,7 +625,7 @@ def train_and_eval(base: str | Path, train: Sequence[Example], split: Split, con
     assert_no_leak(split, trained_on=train)
     session = setup(base, config)
     data, dropped = encode_examples(train, session.tokenizer, seed=config.seed, sequence_len=config.sequence_len,
-                                    copy_unneeded=config.copy_unneeded)
+                                    copy_unneeded=config.copy_unneeded, option_orders=config.option_orders)
     result = fit(session, data, progress=progress)
     metrics: dict[str, Any] = {}
     if session.accelerator.is_main_process:
