@@ -94,3 +94,9 @@ def test_scaling_check_and_seed_figures_on_a_gguf(tiny_gguf: Path, tmp_path: Pat
     assert served["decide_by"] == "letter" and d["tp"] + d["fp"] + d["fn"] + d["tn"] == 6
     printed = capsys.readouterr().out
     assert "| task (en) | 6 (3) |" in printed and "| task (en) | 6 (3) | letter |" in printed
+
+    # The served resolver as COREFBOT_DECIDE_BY=rewrite would serve the same model.
+    assert main(["seed-eval", "--model", str(tiny_gguf), "--heldout", str(heldout), "--per-set", "6",
+                 "--threads", "2", "--served", "--served-decide-by", "rewrite", "--report", str(out)]) == 0
+    assert json.loads(out.read_text())["sets"][0]["served"]["decide_by"] == "rewrite"
+    assert "| task (en) | 6 (3) | rewrite |" in capsys.readouterr().out

@@ -85,6 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served", action="store_true",
                    help="also the bot's whole resolver with its default settings (gate, the run's measured decide "
                         "mode, rewrite validation): the decision and the question forwarded, as the group sees them")
+    p.add_argument("--served-decide-by", choices=["auto", "letter", "rewrite"], default="auto",
+                   help="how the served resolver decides: auto (default) as the bot does by default, the run's "
+                        "measured mode; letter or rewrite as COREFBOT_DECIDE_BY sets it")
     p.set_defaults(func=cmd_seed_eval)
 
     p = sub.add_parser("export-gguf", help="merge a run's adapter, convert to GGUF, quantize, check, register")
@@ -226,19 +229,21 @@ def cmd_seed_eval(args: argparse.Namespace) -> int:
         heldout = {k: v for k, v in heldout.items() if k in args.sets}
     return _print_figures(Path(args.model), heldout, args.per_set, rewrites=not args.no_rewrites,
                           report=Path(args.report) if args.report else None, engine=args.engine,
-                          n_threads=args.threads, decide_by=args.decide_by, served=args.served)
+                          n_threads=args.threads, decide_by=args.decide_by, served=args.served,
+                          served_decide_by=args.served_decide_by)
 
 
 def _print_figures(model: Path, heldout: dict, per_set: int, *, rewrites: bool, report: Path | None,
                    engine: str = "auto", n_threads: int | None = None, decide_by: str = "letter",
-                   served: bool = False) -> int:
+                   served: bool = False, served_decide_by: str = "auto") -> int:
     import time
 
     from corefbot.models.train.seed import format_figures, format_served, heldout_figures
 
     start = time.perf_counter()
     rows = heldout_figures(model, heldout, per_set=per_set, rewrites=rewrites, progress=True,
-                           engine=engine, n_threads=n_threads, decide_by=decide_by, served=served)  # type: ignore[arg-type]
+                           engine=engine, n_threads=n_threads, decide_by=decide_by, served=served,  # type: ignore[arg-type]
+                           served_decide_by=served_decide_by)  # type: ignore[arg-type]
     print(format_figures(rows, model.name))
     if served:
         print("\nserved (the bot's resolver, default settings: what the group sees)")

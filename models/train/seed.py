@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from corefbot.pipeline.records import Example
 
 if TYPE_CHECKING:
-    from corefbot.models.serve.llama import DecideBy
+    from corefbot.models.serve.llama import DecideBy, DecideSetting
     from corefbot.models.train.evaluate_gguf import Engine
 
 log = logging.getLogger(__name__)
@@ -186,10 +186,11 @@ def as_asked(examples: Sequence[Example]) -> dict[str, float]:
 def heldout_figures(model: str | Path, heldout: dict[str, Path], *, per_set: int = 60, rewrites: bool = True,
                     max_new_tokens: int = 40, progress: bool = False, engine: "Engine" = "auto",
                     n_threads: int | None = None, decide_by: "DecideBy" = "letter",
-                    served: bool = False) -> list[SetFigures]:
+                    served: bool = False, served_decide_by: "DecideSetting" = "auto") -> list[SetFigures]:
     """Evaluate ``model`` (a run folder, a Hugging Face folder or a GGUF) on each held-out set, under PyTorch
     or, as served, under llama.cpp (``engine``: see :func:`corefbot.models.train.evaluate_gguf.pick_engine`).
-    ``served``: also the bot's whole resolver over it (:class:`SetFigures` ``served``)."""
+    ``served``: also the bot's whole resolver over it (:class:`SetFigures` ``served``), deciding as
+    ``served_decide_by`` says (``auto``: the run's measured mode, as the bot does by default)."""
     from contextlib import ExitStack
 
     from corefbot.models.train.evaluate import evaluate, load_model
@@ -221,18 +222,22 @@ def heldout_figures(model: str | Path, heldout: dict[str, Path], *, per_set: int
             log.info("held-out %s: %d examples", name, len(examples))
             row = _set_figures(name, langs.get(name, "?"), examples, report_of(examples))
             if served:
-                row = replace(row, served=_served(model, examples, n_threads))
+                row = replace(row, served=_served(model, examples, n_threads, served_decide_by))
             out.append(row)
     return out
 
 
-def _served(model: str | Path, examples: list[Example], n_threads: int | None) -> dict[str, Any]:
+def _served(model: str | Path, examples: list[Example], n_threads: int | None,
+            decide_by: "DecideSetting" = "auto") -> dict[str, Any]:
     """The bot's resolver with its default settings over ``examples``: what a group member would see."""
     from corefbot.models.serve.llama import served_model
     from corefbot.models.train.eval_resolver import evaluate as eval_backend
 
-    report = eval_backend(examples, "llama-cpp", model_path=str(model), n_threads=n_threads, progress=False)
-    return {"decide_by": served_model(model).decide_by or "letter", "decision": report["decision"],
+    report = eval_backend(examples, "llama-cpp", model_path=str(model), n_threads=n_threads, progress=False,
+                          decide_by=decide_by)
+    if decide_by == "auto":
+        decide_by = served_model(model).decide_by or "letter"
+    return {"decide_by": decide_by, "decision": report["decision"],
             "rewrite": report["rewrite"], "gate": report["gate"], "latency_ms": report["latency_ms"]}
 
 
