@@ -7,8 +7,9 @@ Layout, chosen so a server can keep the key/value state of everything before the
 
     <header: the task, the options, the answer format> <history: one line per turn, senders A, B, C…> <the last message>
 
-The option order is an explicit argument. Training data shuffles it (balanced per letter); evaluation
-averages over all six orders; serving uses :data:`SERVE_ORDER`. The reference implementation
+The option order is an explicit argument. The alpaca export and the paper's presets shuffle it (balanced
+per letter), the CPU presets train in :data:`SERVE_ORDER`; evaluation averages over all six orders;
+serving uses :data:`SERVE_ORDER`. The reference implementation
 trained shuffled and evaluated fixed, which rewards a model that learned a letter position.
 """
 from __future__ import annotations

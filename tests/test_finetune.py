@@ -57,7 +57,7 @@ def test_presets_carry_the_papers_settings(tmp_path: Path) -> None:
     assert FinetuneConfig.from_dict(paper.to_dict()) == paper
     # the CPU nightly preset is the seed recipe's training with a test split big enough to promote on
     seed, nightly = load_preset("seed-cpu"), load_preset("nightly-cpu")
-    assert seed.decision_weight == 8 and nightly.split_fractions[2] >= 0.1
+    assert seed.decision_weight == 8 and seed.option_orders == "serve" and nightly.split_fractions[2] >= 0.1
     same = ("preset", "split_fractions", "split_unit", "eval_max_examples")
     assert nightly.replace(**{k: getattr(seed, k) for k in same}) == seed
 
