@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from corefbot.models.train.finetune import (FinetuneConfig, encode_examples, file_sha256, load_preset, make_batches)
-from corefbot.pipeline.prompt import ALL_ORDERS, LETTERS, build_prompt, target
+from corefbot.pipeline.prompt import ALL_ORDERS, LETTERS, build_prompt
 from corefbot.pipeline.records import Example, Turn
 
 pytest.importorskip("peft")

@@ -229,7 +229,8 @@ def heldout_figures(model: str | Path, heldout: dict[str, Path], *, per_set: int
 
 def _served(model: str | Path, examples: list[Example], n_threads: int | None,
             decide_by: "DecideSetting" = "auto") -> dict[str, Any]:
-    """The bot's resolver with its default settings over ``examples``: what a group member would see."""
+    """The bot's resolver with its default settings (deciding as ``decide_by`` says) over ``examples``: what a
+    group member would see."""
     from corefbot.models.serve.llama import served_model
     from corefbot.models.train.eval_resolver import evaluate as eval_backend
 
