@@ -54,6 +54,10 @@ def test_presets_carry_the_papers_settings(tmp_path: Path) -> None:
         load_preset(str(bad))
     with pytest.raises(FileNotFoundError, match="no such preset"):
         load_preset("nonexistent")
+    with pytest.raises(ValueError, match="option_orders 'shuffled' is not one of balanced, serve"):
+        load_preset("seed-cpu", option_orders="shuffled")
+    with pytest.raises(ValueError, match="lr_scheduler 'cosin' is not one of"):
+        load_preset("tiny", lr_scheduler="cosin")
     assert FinetuneConfig.from_dict(paper.to_dict()) == paper
     # the CPU nightly preset is the seed recipe's training with a test split big enough to promote on
     seed, nightly = load_preset("seed-cpu"), load_preset("nightly-cpu")

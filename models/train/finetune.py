@@ -27,7 +27,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence, get_args
 
 from corefbot.pipeline.prompt import SERVE_ORDER, balanced_orders, build_prompt, target
 from corefbot.pipeline.records import Example
@@ -121,6 +121,11 @@ class FinetuneConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{where}: unknown finetune setting(s) {', '.join(unknown)}")
+        # Checked here, not where training first reads them: a preset's typo should not surface minutes later,
+        # after the base has been loaded.
+        for name, kind in (("lr_scheduler", Scheduler), ("option_orders", OptionOrders)):
+            if name in data and data[name] not in get_args(kind):
+                raise ValueError(f"{where}: {name} {data[name]!r} is not one of {', '.join(get_args(kind))}")
         data = dict(data)
         if "split_fractions" in data:
             data["split_fractions"] = tuple(data["split_fractions"])
