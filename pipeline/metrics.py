@@ -104,3 +104,25 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     k = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[k]
+
+
+def best_mcc_threshold(scored: Sequence[tuple[float, bool]]) -> float:
+    """The cut on a score (predict positive when score ≥ cut) with the best Matthews correlation on
+    ``scored`` (score, gold) pairs. Candidates are 0.5 and the midpoints between neighbouring scores, so a
+    model whose misses sit at p = 0.02 gets a cut there (a fixed grid of round numbers would not reach it);
+    among equally good cuts the one nearest 0.5 wins: the smallest departure from the plain argmax."""
+    values = sorted({s for s, _ in scored})
+    candidates = [0.5] + [(a + b) / 2 for a, b in zip(values, values[1:])]
+    gold = [g for _, g in scored]
+    best, best_t = -2.0, 0.5
+    for t in sorted(candidates, key=lambda c: abs(c - 0.5)):
+        mcc = Confusion.of(gold, [s >= t for s, _ in scored]).mcc
+        if mcc > best + 1e-12:
+            best, best_t = mcc, t
+    return best_t
+
+
+def leave_one_out_cuts(scored: Sequence[tuple[float, bool]]) -> list[bool]:
+    """Each example predicted with the :func:`best_mcc_threshold` of all the others: an honest estimate of
+    how a cut chosen on these examples will do on new ones (chosen and scored on the same ones, it flatters)."""
+    return [s >= best_mcc_threshold([*scored[:i], *scored[i + 1:]]) for i, (s, _) in enumerate(scored)]

@@ -89,6 +89,7 @@ def test_a_run_folder_decides_as_measured(gguf_run: Path) -> None:
 
     from corefbot.models.serve.llama import LlamaBackend, served_model
     from corefbot.models.ship.lora import export_lora
+    from corefbot.pipeline.records import Turn
 
     path = gguf_run / "decide.json"
     if not path.is_file():
@@ -97,12 +98,27 @@ def test_a_run_folder_decides_as_measured(gguf_run: Path) -> None:
     assert measured["route"] == "adapter" and measured["examples"] >= 8  # the test split, up to 12
     assert measured["decide_by"] == ("rewrite" if measured["rewrite"]["mcc"] > measured["letter"]["mcc"] else "letter")
     assert served_model(gguf_run).decide_by == measured["decide_by"]
+    # A cut on p(needs) is kept only where it beat the likeliest letter out of sample.
+    cut = measured["letter_threshold"]
+    assert (cut is None and measured["letter"] == measured["letter_argmax"]) or (
+        0 < cut < 1 and measured["letter"]["mcc"] > measured["letter_argmax"]["mcc"])
+    assert served_model(gguf_run).needs_threshold == cut
     try:
         path.write_text(json.dumps({**measured, "decide_by": "rewrite"}))
         with LlamaBackend(gguf_run, n_threads=1) as backend:
             assert backend.decide_by == "rewrite"
         with LlamaBackend(gguf_run, n_threads=1, decide_by="letter") as backend:
             assert backend.decide_by == "letter"
+        # The letter with the run's cut: "needs" exactly when p(needs) reaches it.
+        window = [Turn("a", "mmpose is great", 1.0), Turn("b", "which version?", 2.0)]
+        question = Turn("c", "how to deploy it?", 3.0)
+        for cut, needs in ((1e-9, True), (1 - 1e-9, False)):  # below the cut: the likelier of the other two
+            path.write_text(json.dumps({**measured, "decide_by": "letter", "letter_threshold": cut}))
+            with LlamaBackend(gguf_run, n_threads=1) as backend:
+                assert backend.needs_threshold == cut
+                assert (backend.resolve(window, question, rewrite="never").decision == "needs") == needs
+        path.write_text(json.dumps({**measured, "decide_by": "letter", "letter_threshold": 2}))
+        assert served_model(gguf_run).needs_threshold is None  # not a probability: the likeliest letter
         path.write_text(json.dumps({**measured, "decide_by": "rewrite", "route": "merged"}))
         assert served_model(gguf_run).decide_by is None
         path.write_text("{not json")

@@ -317,3 +317,18 @@ def test_merged_runs_placeholders_and_two_clause_ellipsis() -> None:
     assert validate_rewrite("[face]\n它在 TX2 上怎么部署？", run, [t.text for t in window])[0]
     assert "face" not in (rewrite((Turn("a", "[face]", 0.0),), q("为什么不好用？")) or "")
     assert {"zh_ne", "zh_predicate_only"} <= set(cues(window, q("在 Jetson Nano 上呢？能跑起来吗")))
+
+
+def test_best_mcc_threshold_reaches_low_scores_and_stays_near_half_on_ties() -> None:
+    from corefbot.pipeline.metrics import best_mcc_threshold, leave_one_out_cuts
+
+    # The positives the argmax misses sit at p = 0.02–0.03: the cut must go below them, not to a round 0.05.
+    scored = [(0.9, True), (0.8, True), (0.03, True), (0.02, True), (0.001, False), (0.002, False), (0.004, False)]
+    cut = best_mcc_threshold(scored)
+    assert 0.004 < cut <= 0.02
+    # Perfectly separated at 0.5 already: every cut between the classes ties, and 0.5 is kept.
+    assert best_mcc_threshold([(0.9, True), (0.7, True), (0.2, False), (0.1, False)]) == 0.5
+    # Out of sample each example is judged by a cut chosen without it: one lone positive among low scores
+    # cannot choose its own cut.
+    loo = leave_one_out_cuts([(0.9, True), (0.8, True), (0.01, True), (0.001, False), (0.002, False)])
+    assert loo == [True, True, False, False, False]

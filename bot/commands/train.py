@@ -297,8 +297,11 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
               f"(mean |Δp(needs)| {a.mean_abs_p_needs_diff:.3f}; serve-order F1 HF {100 * a.hf_f1:.1f}% "
               f"vs llama.cpp {100 * a.gguf_f1:.1f}%)")
         d = json.loads((Path(args.run_dir) / "decide.json").read_text())
-        print(f"decide by    the {d['decide_by']} (served order, {d['examples']} test questions: Matthews letters "
-              f"{d['letter']['mcc']:.3f}, rewrite {d['rewrite']['mcc']:.3f}; COREFBOT_DECIDE_BY=auto serves it)")
+        cut = d.get("letter_threshold")
+        letters = (f"letters {d['letter_argmax']['mcc']:.3f}, with needs at p >= {cut:.3g} {d['letter']['mcc']:.3f} "
+                   "(leave-one-out)" if cut is not None else f"letters {d['letter']['mcc']:.3f}")
+        print(f"decide by    the {d['decide_by']} (served order, {d['examples']} test questions: Matthews {letters}, "
+              f"rewrite {d['rewrite']['mcc']:.3f}; COREFBOT_DECIDE_BY=auto serves it)")
     return 0
 
 

@@ -57,7 +57,8 @@ _OBSERVE_CHUNK = 64  # prefill granularity: a waiting question pre-empts a prefi
 #: "auto": rewrite when the decision is "needs"; "always": also when it is not (rewrite quality is
 #: evaluated against gold rewrites whatever the decision); "never": decision only.
 RewriteMode = Literal["auto", "always", "never"]
-#: How the backend decides. "letter": the option letters' logits (the paper's single choice). "rewrite": the
+#: How the backend decides. "letter": the option letters' logits (the paper's single choice; with a run
+#: folder's measured ``letter_threshold``, "needs" from that probability on, see :class:`ServedModel`). "rewrite": the
 #: model rewrites every question after the "needs" letter and the question needs resolution exactly when
 #: its rewrite adds a content word (or Chinese character) to it (:func:`~corefbot.models.serve.validate.adds_content`;
 #: a rewrite that only drops a 「那」 or reorders was the most common false "needs" on zh topics). Measured
@@ -152,6 +153,9 @@ class ServedModel:
     lora_scale: float = 1.0
     route: Literal["gguf", "adapter", "merged"] = "gguf"
     decide_by: DecideBy | None = None  # the mode measured better on the run's test split for this route
+    # Deciding by the letter: "needs" when its probability reaches this cut (chosen on the same split,
+    # kept only where it beat the plain argmax out of sample); None: the likeliest letter.
+    needs_threshold: float | None = None
 
 
 def _check_gguf(path: Path, what: str = "GGUF model") -> Path:
@@ -190,27 +194,33 @@ def served_model(path: str | Path, route: Literal["auto", "adapter", "merged"] =
         if name in options:
             chosen = options[name]
             _check_gguf(chosen.gguf, "base GGUF of the run" if name == "adapter" else "GGUF model")
-            measured = _measured_decide_by(path, chosen.route)
-            return replace(chosen, decide_by=measured) if measured else chosen
+            decide_by, threshold = _measured_decision(path, chosen.route)
+            return replace(chosen, decide_by=decide_by, needs_threshold=threshold)
     wanted = "" if route == "auto" else f" by the {route} route"
     raise FileNotFoundError(f"{path}: this run folder has nothing llama.cpp can serve{wanted}: run "
                             f"`corefbot export-lora {path}` (base GGUF + adapter) or `corefbot export-gguf {path}` (merged)")
 
 
-def _measured_decide_by(run_dir: Path, route: str) -> DecideBy | None:
+def _measured_decision(run_dir: Path, route: str) -> tuple[DecideBy | None, float | None]:
+    """The run's ``decide.json`` for this route: the mode, and the letter's cut on p(needs) if it has one."""
     import json
 
     try:
         record = json.loads((run_dir / DECIDE_FILE).read_text())
     except FileNotFoundError:
-        return None
+        return None, None
     except (OSError, ValueError) as exc:
         log.warning("%s unreadable (%s): deciding by the letter", run_dir / DECIDE_FILE, exc)
-        return None
+        return None, None
     chosen = record.get("decide_by")
     if record.get("route") != route or chosen not in ("letter", "rewrite"):
-        return None  # measured on another route of this run, or not a choice this version knows
-    return chosen
+        return None, None  # measured on another route of this run, or not a choice this version knows
+    threshold = record.get("letter_threshold")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
+        log.warning("%s: letter_threshold %r is not a probability: deciding by the likeliest letter",
+                    run_dir / DECIDE_FILE, threshold)
+        threshold = None
+    return chosen, threshold
 
 
 class LlamaBackend:
@@ -250,6 +260,7 @@ class LlamaBackend:
         if decide_by not in ("auto", "letter", "rewrite"):
             raise ValueError(f"decide_by must be 'auto', 'letter' or 'rewrite', not {decide_by!r}")
         self.decide_by: DecideBy = (served.decide_by or "letter") if decide_by == "auto" else decide_by
+        self.needs_threshold = served.needs_threshold  # the run's own calibration of its letter, in either setting
         self.n_threads = n_threads or _default_threads()
         try:
             self._llm = llama_cpp.Llama(
@@ -294,8 +305,9 @@ class LlamaBackend:
         self._closing = False
         self._worker = threading.Thread(target=self._run, name=f"llama-cpp:{self.model_path.name}", daemon=True)
         self._worker.start()
-        log.info("llama-cpp backend loaded %s (n_ctx %d, %d threads, deciding by the %s)", self.model_path, self.n_ctx,
-                 self.n_threads, self.decide_by)
+        cut = f", needs at p >= {self.needs_threshold:.3g}" if self.needs_threshold is not None and self.decide_by == "letter" else ""
+        log.info("llama-cpp backend loaded %s (n_ctx %d, %d threads, deciding by the %s%s)", self.model_path, self.n_ctx,
+                 self.n_threads, self.decide_by, cut)
 
     # -- public API (any thread) -------------------------------------------------------------------
 
@@ -573,6 +585,9 @@ class LlamaBackend:
         self.last_eval_tokens = len(full) - self.last_reused_tokens
         probs = self._option_probs()
         decision: Decision = max(probs, key=probs.__getitem__)
+        if self.needs_threshold is not None:
+            rest = {d: p for d, p in probs.items() if d != "needs"}
+            decision = "needs" if probs["needs"] >= self.needs_threshold else max(rest, key=rest.__getitem__)
         if self.decide_by == "letter":
             self.last_decision_ms = (time.perf_counter() - job.submitted) * 1000  # the rewrite comes after it
         rewrite, copy_p = None, None

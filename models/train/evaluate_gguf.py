@@ -88,18 +88,39 @@ def measure_decide_modes(model: str | Path, examples: Sequence[Example], *, rout
                          n_threads: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Both ways the served model can decide, on ``examples`` in the serving order: the letters, and its
     own rewrite. The record names the better by Matthews (the letters on a tie: they cost less); it is
-    what a run folder's ``decide.json`` holds and what ``COREFBOT_DECIDE_BY=auto`` serves."""
-    from corefbot.models.train.evaluate import METRICS
+    what a run folder's ``decide.json`` holds and what ``COREFBOT_DECIDE_BY=auto`` serves.
 
-    figures: dict[str, dict[str, float]] = {}
+    The letters are also tried with a cut on p(needs) (:func:`~corefbot.pipeline.metrics.best_mcc_threshold`):
+    a fine-tuned 0.5B's letter was precise but missed a third of the questions that need resolution. The
+    cut is judged out of sample (leave-one-out) and kept (``letter_threshold``) only when that beats the
+    likeliest letter; ``letter`` then holds the leave-one-out figures, ``letter_argmax`` the plain ones."""
+    from tqdm import tqdm
+
+    from corefbot.models.train.evaluate import METRICS
+    from corefbot.pipeline.metrics import Confusion, best_mcc_threshold, leave_one_out_cuts
+
+    def figures(pred: Sequence[bool]) -> dict[str, float]:
+        conf = Confusion.of(gold, pred)
+        return {m: _finite(getattr(conf, m)) for m in METRICS}
+
+    gold = [e.label == "needs" for e in examples]
     with open_backend(model, n_threads=n_threads, decide_by="letter") as backend:
-        for mode in ("letter", "rewrite"):
-            backend.decide_by = mode  # type: ignore[assignment]  # read per question: one loaded model, both modes
-            conf = evaluate_decisions_gguf(backend, examples, [SERVE_ORDER], progress=progress).per_order[0].confusion
-            figures[mode] = {m: _finite(getattr(conf, m)) for m in METRICS}
-    better = "rewrite" if figures["rewrite"]["mcc"] > figures["letter"]["mcc"] else "letter"
+        backend.needs_threshold = None  # measured from the raw letters, whatever the folder served before
+        resolved = [backend.resolve(e.window, e.question, rewrite="never")
+                    for e in tqdm(examples, desc="letters", unit="question", disable=not progress, leave=False)]
+        backend.decide_by = "rewrite"  # type: ignore[assignment]  # read per question: one loaded model, both modes
+        rewrite = figures([backend.resolve(e.window, e.question).decision == "needs"
+                           for e in tqdm(examples, desc="rewrites", unit="question", disable=not progress,
+                                         leave=False)])
+    argmax = figures([r.decision == "needs" for r in resolved])
+    scored = [(r.probs["needs"], g) for r, g in zip(resolved, gold)]
+    out_of_sample = figures(leave_one_out_cuts(scored))
+    threshold = best_mcc_threshold(scored) if out_of_sample["mcc"] > argmax["mcc"] else None
+    letter = out_of_sample if threshold is not None else argmax
+    better = "rewrite" if rewrite["mcc"] > letter["mcc"] else "letter"
     return {"decide_by": better, "route": route, "examples": len(examples),
-            "needs": sum(e.label == "needs" for e in examples), "chosen_by": "mcc", **figures}
+            "needs": sum(gold), "chosen_by": "mcc", "letter": letter, "rewrite": rewrite,
+            "letter_threshold": threshold, "letter_argmax": argmax}
 
 
 def _finite(x: float) -> float:
