@@ -75,6 +75,14 @@ def test_score_counts_forwarded_text() -> None:
     bad = score(examples, wrong)
     assert bad["decision"]["f1"] == 0.0 and bad["decision"]["mcc"] == -1.0 and bad["gate"]["recall"] == 0.0
     assert [m["id"] for m in bad["mistakes"]] == [e.id for e in examples] and not report["mistakes"]
+    assert "rejected_needs" not in report["rewrite"]
+    # A rewrite that validation refused went as asked, and is scored as if it had been forwarded.
+    refused = [Outcome("needs", examples[0].question.text, True, 1.0, rejected_rewrite=examples[0].rewrite),
+               perfect[1]]
+    r = score(examples, refused)["rewrite"]
+    assert r["rejected"] == 1 and r["exact_match"] == 0.0
+    assert r["rejected_needs"] == 1 and r["rejected_exact_match"] == 1.0 and r["rejected_token_f1"] == 1.0
+    assert r["rejected_as_asked_token_f1"] == pytest.approx(r["as_asked_token_f1"]) and r["as_asked_token_f1"] < 1.0
 
 
 def test_http_backend_eval_with_the_gate(tmp_path: Path) -> None:

@@ -40,8 +40,12 @@ class Outcome:
     forwarded: str  # the text that would be sent to the assistant
     sent_to_model: bool  # the gate's answer
     latency_ms: float
-    rejected: bool = False  # a rewrite failed validation
+    rejected_rewrite: str | None = None  # the model's rewrite that failed validation (the question went as asked)
     error: str | None = None
+
+    @property
+    def rejected(self) -> bool:
+        return self.rejected_rewrite is not None
 
 
 def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: str | None, http_model: str,
@@ -94,7 +98,7 @@ def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: st
         else:  # --no-gate: everything went to the model
             sent = True
         return Outcome(res.decision, res.query(e.question.text), sent, (time.perf_counter() - start) * 1000,
-                       rejected=res.rejected_rewrite is not None)
+                       rejected_rewrite=res.rejected_rewrite)
     return predict, resolver.close
 
 
@@ -113,6 +117,14 @@ def score(examples: Sequence[Example], outcomes: Sequence[Outcome]) -> dict[str,
         "as_asked_token_f1": statistics.fmean(token_f1(e.question.text, e.rewrite or "") for e, _ in needs) if needs else 0.0,
         "rejected": sum(o.rejected for o in outcomes),
     }
+    # What validation cost or saved: the rejected rewrites of gold-needs rows scored as if forwarded.
+    refused = [(e, o.rejected_rewrite) for e, o in needs if o.rejected_rewrite is not None]
+    if refused:
+        rewrite.update(
+            rejected_needs=len(refused),
+            rejected_exact_match=statistics.fmean(exact_match(r, e.rewrite or "") for e, r in refused),
+            rejected_token_f1=statistics.fmean(token_f1(r, e.rewrite or "") for e, r in refused),
+            rejected_as_asked_token_f1=statistics.fmean(token_f1(e.question.text, e.rewrite or "") for e, _ in refused))
     gate_conf = Confusion.of(gold, [o.sent_to_model for o in outcomes])
     gate = {"recall": gate_conf.recall, "specificity": gate_conf.specificity,
             "skip_rate": _div(sum(not o.sent_to_model for o in outcomes), len(outcomes)),
@@ -191,6 +203,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"tp {d['tp']} fp {d['fp']} fn {d['fn']} tn {d['tn']}  unknown {d['unknown']}",
         f"rewrite   EM {r['exact_match']:.3f}  token F1 {r['token_f1']:.3f}  (as asked {r['as_asked_token_f1']:.3f}, "
         f"changed {r['changed']:.3f}, rejected {r['rejected']}, n {r['n']})",
+        *([f"rejected  {r['rejected_needs']} rewrites of gold-needs questions would have scored EM "
+           f"{r['rejected_exact_match']:.3f}, token F1 {r['rejected_token_f1']:.3f} (forwarded as asked: "
+           f"{r['rejected_as_asked_token_f1']:.3f})"] if r.get("rejected_needs") else []),
         f"gate      recall {g['recall']:.3f}  specificity {g['specificity']:.3f}  skip rate {g['skip_rate']:.3f}  "
         f"sent to model {g['sent_rate']:.3f}",
         f"latency   p50 {lat['p50']:.2f} ms  p95 {lat['p95']:.2f} ms",

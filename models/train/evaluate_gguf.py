@@ -99,11 +99,12 @@ def measure_decide_modes(model: str | Path, examples: Sequence[Example], *, rout
     from corefbot.models.train.evaluate import METRICS
     from corefbot.pipeline.metrics import Confusion, best_mcc_threshold, leave_one_out_cuts
 
+    gold = [e.label == "needs" for e in examples]
+
     def figures(pred: Sequence[bool]) -> dict[str, float]:
         conf = Confusion.of(gold, pred)
         return {m: _finite(getattr(conf, m)) for m in METRICS}
 
-    gold = [e.label == "needs" for e in examples]
     with open_backend(model, n_threads=n_threads, decide_by="letter") as backend:
         backend.needs_threshold = None  # measured from the raw letters, whatever the folder served before
         resolved = [backend.resolve(e.window, e.question, rewrite="never")
