@@ -91,8 +91,8 @@ def measure_decide_modes(model: str | Path, examples: Sequence[Example], *, rout
     what a run folder's ``decide.json`` holds and what ``COREFBOT_DECIDE_BY=auto`` serves.
 
     The letters are also tried with a cut on p(needs) (:func:`~corefbot.pipeline.metrics.best_mcc_threshold`):
-    a fine-tuned 0.5B's letter was precise but missed a third of the questions that need resolution. The
-    cut is judged out of sample (leave-one-out) and kept (``letter_threshold``) only when that beats the
+    the likeliest letter is rarely a small fine-tuned model's best cut (the 0.5B after one sitting was
+    precise and missed a third of the questions that need resolution; after two it over-called). The cut is judged out of sample (leave-one-out) and kept (``letter_threshold``) only when that beats the
     likeliest letter; ``letter`` then holds the leave-one-out figures, ``letter_argmax`` the plain ones."""
     from tqdm import tqdm
 
