@@ -305,7 +305,8 @@ class LlamaBackend:
         self._closing = False
         self._worker = threading.Thread(target=self._run, name=f"llama-cpp:{self.model_path.name}", daemon=True)
         self._worker.start()
-        cut = f", needs at p >= {self.needs_threshold:.3g}" if self.needs_threshold is not None and self.decide_by == "letter" else ""
+        by_cut = self.needs_threshold is not None and self.decide_by == "letter"
+        cut = f", needs at p >= {self.needs_threshold:.3g}" if by_cut else ""
         log.info("llama-cpp backend loaded %s (n_ctx %d, %d threads, deciding by the %s%s)", self.model_path, self.n_ctx,
                  self.n_threads, self.decide_by, cut)
 

@@ -92,8 +92,9 @@ def measure_decide_modes(model: str | Path, examples: Sequence[Example], *, rout
 
     The letters are also tried with a cut on p(needs) (:func:`~corefbot.pipeline.metrics.best_mcc_threshold`):
     the likeliest letter is rarely a small fine-tuned model's best cut (the 0.5B after one sitting was
-    precise and missed a third of the questions that need resolution; after two it over-called). The cut is judged out of sample (leave-one-out) and kept (``letter_threshold``) only when that beats the
-    likeliest letter; ``letter`` then holds the leave-one-out figures, ``letter_argmax`` the plain ones."""
+    precise and missed a third of the questions that need resolution; after two it over-called). The cut is
+    judged out of sample (leave-one-out) and kept (``letter_threshold``) only when that beats the likeliest
+    letter; ``letter`` then holds the leave-one-out figures, ``letter_argmax`` the plain ones."""
     from tqdm import tqdm
 
     from corefbot.models.train.evaluate import METRICS
