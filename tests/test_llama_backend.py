@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -136,26 +137,34 @@ def test_long_window_is_cut_to_fit(tiny_gguf: Path):
 
 
 def test_queue_full_raises_busy(tiny_gguf: Path):
-    with LlamaBackend(tiny_gguf, n_threads=1, max_queue=1, n_ctx=4096) as b:
-        window = _long_window(80)  # a cold prompt of ~3,500 tokens keeps the worker busy
+    with LlamaBackend(tiny_gguf, n_threads=1, max_queue=1) as b:
+        # Hold the worker on a job of our own, so that which request queues and which are refused does
+        # not depend on how fast the worker picks up the first one (it raced on a loaded CI machine).
+        held, release = threading.Event(), threading.Event()
+        holder = threading.Thread(target=b.call, args=(lambda job: (held.set(), release.wait(60)),))
+        holder.start()
+        assert held.wait(60)
         errors: list[BaseException] = []
         done: list[object] = []
 
         def ask(i: int) -> None:
             try:
-                done.append(b.resolve(window, Turn("x", f"question {i}?", 1.0), group=f"q{i}"))
+                done.append(b.resolve(WINDOW, Turn("x", f"question {i}?", 1.0), group=f"q{i}"))
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
         for t in threads:
             t.start()
-        for t in threads:
+        deadline = time.monotonic() + 60
+        while len(errors) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        for t in threads + [holder]:
             t.join()
-        assert any(isinstance(e, BackendBusy) for e in errors)
-        assert all(isinstance(e, BackendBusy) for e in errors)
-        assert "max_queue=1" in str(next(e for e in errors if isinstance(e, BackendBusy)))
-        assert len(done) >= 2  # the running request and the queued one were answered
+        assert len(errors) == 4 and all(isinstance(e, BackendBusy) for e in errors)
+        assert "max_queue=1" in str(errors[0])
+        assert len(done) == 1  # the one queued behind the held job was answered
 
 
 def test_timeout_raises_and_leaves_a_working_backend(tiny_gguf: Path):
