@@ -105,6 +105,7 @@ def test_a_run_folder_decides_as_measured(gguf_run: Path) -> None:
     assert served_model(gguf_run).needs_threshold == cut
     try:
         path.write_text(json.dumps({**measured, "decide_by": "rewrite"}))
+        assert served_model(gguf_run).decide_mode() == "rewrite"
         with LlamaBackend(gguf_run, n_threads=1) as backend:
             assert backend.decide_by == "rewrite"
         with LlamaBackend(gguf_run, n_threads=1, decide_by="letter") as backend:
@@ -123,6 +124,8 @@ def test_a_run_folder_decides_as_measured(gguf_run: Path) -> None:
         assert served_model(gguf_run).decide_by is None
         path.write_text("{not json")
         assert served_model(gguf_run).decide_by is None
+        assert served_model(gguf_run).decide_mode() == "letter"  # nothing measured: the letter
+        assert served_model(gguf_run).decide_mode("rewrite") == "rewrite"
     finally:
         path.write_text(json.dumps(measured))
 

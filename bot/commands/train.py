@@ -211,7 +211,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
         # its test split) and report the held-out figures as the group will get them, through llama.cpp.
         args.run_dir, args.max_examples = out, args.decide_examples
         cmd_export_lora(args)
-        decide_by = served_model(out).decide_by or "letter"
+        decide_by = served_model(out).decide_mode()
         return _print_figures(out, data.heldout, args.per_set, rewrites=decide_by == "letter",
                               report=out / "figures.json", engine="llama", n_threads=args.threads,
                               decide_by=decide_by, served=True)

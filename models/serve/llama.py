@@ -157,6 +157,13 @@ class ServedModel:
     # kept only where it beat the plain argmax out of sample); None: the likeliest letter.
     needs_threshold: float | None = None
 
+    def decide_mode(self, setting: DecideSetting = "auto") -> DecideBy:
+        """How a question is decided under ``setting``: "auto" is the mode measured for this model, and the
+        letter where nothing was measured (a plain GGUF)."""
+        if setting not in ("auto", "letter", "rewrite"):
+            raise ValueError(f"decide_by must be 'auto', 'letter' or 'rewrite', not {setting!r}")
+        return (self.decide_by or "letter") if setting == "auto" else setting
+
 
 def _check_gguf(path: Path, what: str = "GGUF model") -> Path:
     if not path.is_file():
@@ -257,9 +264,7 @@ class LlamaBackend:
         self.max_state_bytes = int(max_state_mb * 1024 * 1024)
         self.max_rewrite_tokens = max_rewrite_tokens
         self.reuse = reuse
-        if decide_by not in ("auto", "letter", "rewrite"):
-            raise ValueError(f"decide_by must be 'auto', 'letter' or 'rewrite', not {decide_by!r}")
-        self.decide_by: DecideBy = (served.decide_by or "letter") if decide_by == "auto" else decide_by
+        self.decide_by: DecideBy = served.decide_mode(decide_by)
         self.needs_threshold = served.needs_threshold  # the run's own calibration of its letter, in either setting
         self.n_threads = n_threads or _default_threads()
         try:

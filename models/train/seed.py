@@ -236,9 +236,7 @@ def _served(model: str | Path, examples: list[Example], n_threads: int | None,
 
     report = eval_backend(examples, "llama-cpp", model_path=str(model), n_threads=n_threads, progress=False,
                           decide_by=decide_by)
-    if decide_by == "auto":
-        decide_by = served_model(model).decide_by or "letter"
-    return {"decide_by": decide_by, "decision": report["decision"],
+    return {"decide_by": served_model(model).decide_mode(decide_by), "decision": report["decision"],
             "rewrite": report["rewrite"], "gate": report["gate"], "latency_ms": report["latency_ms"]}
 
 
