@@ -75,6 +75,10 @@ def test_score_counts_forwarded_text() -> None:
     bad = score(examples, wrong)
     assert bad["decision"]["f1"] == 0.0 and bad["decision"]["mcc"] == -1.0 and bad["gate"]["recall"] == 0.0
     assert [m["id"] for m in bad["mistakes"]] == [e.id for e in examples] and not report["mistakes"]
+    assert not report["rewrite_misses"]
+    assert bad["rewrite_misses"] == [{"id": examples[0].id, "question": examples[0].question.text,
+                                      "decision": "not_needed", "forwarded": examples[0].question.text,
+                                      "gold_rewrite": examples[0].rewrite, "refused_rewrite": None}]
     assert "rejected_needs" not in report["rewrite"]
     # A rewrite that validation refused went as asked, and is scored as if it had been forwarded.
     refused = [Outcome("needs", examples[0].question.text, True, 1.0, rejected_rewrite=examples[0].rewrite),

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 EvalBackend = Literal["rules", "gate", "pronoun", "llama-cpp", "http"]
 EVAL_BACKENDS: tuple[EvalBackend, ...] = ("rules", "gate", "pronoun", "llama-cpp", "http")
-MAX_MISTAKES = 25  # wrong decisions kept in the report, for reading
+MAX_MISTAKES = 25  # wrong decisions, and forwarded questions unlike the gold, kept in the report for reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +146,13 @@ def score(examples: Sequence[Example], outcomes: Sequence[Outcome]) -> dict[str,
     mistakes = [{"id": e.id, "question": e.question.text, "gold": e.label, "decision": o.decision,
                  "forwarded": o.forwarded, "gold_rewrite": e.rewrite}
                 for e, o in zip(examples, outcomes) if (o.decision == "needs") != (e.label == "needs")][:MAX_MISTAKES]
+    # What the exact match misses: the question that reached the assistant next to the gold rewrite.
+    misses = [{"id": e.id, "question": e.question.text, "decision": o.decision, "forwarded": o.forwarded,
+               "gold_rewrite": e.rewrite, "refused_rewrite": o.rejected_rewrite}
+              for e, o in needs if not exact_match(o.forwarded, e.rewrite or "")][:MAX_MISTAKES]
     return {"n": len(examples), "decision": decision, "rewrite": rewrite, "gate": gate, "latency_ms": latency,
-            "errors": sum(o.error is not None for o in outcomes), "by_lang": by_lang, "mistakes": mistakes}
+            "errors": sum(o.error is not None for o in outcomes), "by_lang": by_lang, "mistakes": mistakes,
+            "rewrite_misses": misses}
 
 
 def _div(a: float, b: float) -> float:

@@ -237,7 +237,8 @@ def _served(model: str | Path, examples: list[Example], n_threads: int | None,
     report = eval_backend(examples, "llama-cpp", model_path=str(model), n_threads=n_threads, progress=False,
                           decide_by=decide_by)
     return {"decide_by": served_model(model).decide_mode(decide_by), "decision": report["decision"],
-            "rewrite": report["rewrite"], "gate": report["gate"], "latency_ms": report["latency_ms"]}
+            "rewrite": report["rewrite"], "gate": report["gate"], "latency_ms": report["latency_ms"],
+            "mistakes": report["mistakes"], "rewrite_misses": report["rewrite_misses"]}
 
 
 def _set_figures(name: str, lang: str, examples: list[Example], report: dict[str, Any]) -> SetFigures:
