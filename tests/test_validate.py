@@ -49,6 +49,29 @@ def test_injections_never_forward_the_rewrite(question: str, rewrite: str) -> No
     assert not ok and reason
 
 
+@pytest.mark.parametrize("window, question, rewrite", [
+    (["c语言会吗"], "教教我", "教教我c语言"),  # a Latin word glued to Chinese: the word is "c"
+    (["有PS的下载链接吗"], "我要百度云的", "我要百度云的PS的下载链接"),
+    (["十一种孤独作者是谁"], "这本书讲的啥", "十一种孤独讲的啥"),  # 「这本书」 is the anaphor, 书 may go
+    (["你看过时时刻刻这部电影吗"], "你觉得这部电影怎么样", "你觉得时时刻刻怎么样"),
+    (["我被我家猫咬伤了"], "它咬过我我还要养它吗", "猫咬过我我还要养猫吗"),  # one character found on its own
+    (["你把你头像换了"], "换了", "换了你的头像"),
+])
+def test_chinese_gold_rewrites_pass(window: list[str], question: str, rewrite: str) -> None:
+    # Each was refused before (Su-2019 gold rewrites): 5.4% of that set's golds were, 0.8% are now.
+    ok, reason = validate_rewrite(question, rewrite, window)
+    assert ok, reason
+
+
+@pytest.mark.parametrize("window, question, rewrite", [
+    (["有人在 Jetson 上跑过 mmpose 吗？", "显卡驱动装不上"], "那个怎么装？", "动显怎么装？"),  # two lone characters
+    (["这个报错怎么解决"], "这个怎么装？", "cuda 怎么装？"),
+    (["你看过飘吗"], "这本书讲的啥", "鹿鼎记讲的啥"),
+])
+def test_chinese_additions_the_chat_lacks_are_rejected(window: list[str], question: str, rewrite: str) -> None:
+    assert not validate_rewrite(question, rewrite, window)[0]
+
+
 def test_rewrite_that_drops_the_question_is_rejected() -> None:
     ok, reason = validate_rewrite("how do I install it on TX2 with docker?", "what is mmpose?", WINDOW_EN)
     assert not ok and "drops" in reason
@@ -69,7 +92,8 @@ def test_injection_detector_leaves_ordinary_questions_alone() -> None:
         assert not looks_like_injection(text), text
 
 
-@pytest.mark.parametrize("name, floor", [("task_gecor.jsonl", 0.85), ("canard_dev.jsonl", 0.75)])
+@pytest.mark.parametrize("name, floor", [("task_gecor.jsonl", 0.85), ("canard_dev.jsonl", 0.75),
+                                         ("rewrite_zh_train.jsonl", 0.98)])
 def test_most_gold_rewrites_pass(name: str, floor: float) -> None:
     # Human rewrites add words from the dialogue; the validator must not be so strict that it
     # throws most of them away (it may reject some that add unseen words, e.g. "type of cuisine").
@@ -77,6 +101,19 @@ def test_most_gold_rewrites_pass(name: str, floor: float) -> None:
     rows = [r for r in rows if r["needs_rewrite"]][:800]
     accepted = sum(validate_rewrite(r["query"], r["rewrite"], r["context"])[0] for r in rows)
     assert accepted / len(rows) >= floor
+
+
+@pytest.mark.parametrize("name, ceiling", [("rewrite_zh_train.jsonl", 0.01), ("canard_dev.jsonl", 0.03)])
+def test_gold_rewrites_against_another_window_are_refused(name: str, ceiling: float) -> None:
+    # A gold rewrite checked against the window of another conversation names things that chat never
+    # had: the stand-in for a hallucinated antecedent (on 4,000 pairs, 0.5% of REWRITE and 0.9% of CANARD
+    # are accepted; 0.4% and 0.9% before validation learnt 「这本书」 and lone characters).
+    rows = [json.loads(line) for line in open(shared_data(name), encoding="utf-8")]
+    rows = [r for r in rows if r["needs_rewrite"]][:800]
+    others = rows[400:] + rows[:400]
+    pairs = [(r, o) for r, o in zip(rows, others) if r["rewrite"] != o["rewrite"]]
+    accepted = sum(validate_rewrite(r["query"], r["rewrite"], o["context"])[0] for r, o in pairs)
+    assert accepted / len(pairs) <= ceiling
 
 
 @pytest.mark.parametrize("question, rewrite, adds", [

@@ -24,7 +24,8 @@ from typing import Sequence
 
 from corefbot.pipeline.text import CJK, HAS_CJK
 
-_PIECE = re.compile(rf"[{CJK}]+|[A-Za-z0-9][\w.+#\-]*", re.UNICODE)
+# A Latin word stops where Chinese starts: in 「c语言」 or 「8分钟」 the word is "c" or "8" (\w matches 语 too).
+_PIECE = re.compile(rf"[{CJK}]+|[A-Za-z0-9](?:[^\W{CJK}]|[.+#\-])*", re.UNICODE)
 
 # Words a rewrite may add without the window containing them: glue, not content.
 EN_GLUE = frozenset("""
@@ -36,7 +37,7 @@ not no any some other else also besides aside apart after before during while be
 i me my you your we us our please want like get got
 s 's
 """.split())
-ZH_GLUE = frozenset("的地得了在上中里和与跟及或是有用把被对为于从到给吗呢吧啊么什怎样个这那该此其它他她们还也都就又再"
+ZH_GLUE = frozenset("的地得了在上中里和与跟及或是有用把被对为于从到给吗呢吧啊么什怎样个这那该此其它他她们还也都就又再你我"
                     # modal and light verbs of tech chat (run, install, enable, add…): they carry no entity
                     "能会要需而时才比之后前以并但所着过好跑装开加做写改转说")
 
@@ -46,6 +47,9 @@ it its they them their theirs this that these those he him his she her hers one 
 such same former latter the a an do does did so too also else
 """.split())
 ZH_ANAPHORS = frozenset("它他她们这那该此其上述个些呢吗吧啊呀么然后前者办")
+# A demonstrative with its classifier and head noun (「这本书」, 「这书」, 「那种性格」) is the anaphor as a whole:
+# the rewrite replaces it with the name (「十一种孤独」), so its noun may disappear from the question.
+_DEMONSTRATIVE = re.compile(rf"[这那该此](?:一?[个本种部款位首只件台张条篇家些样]?)[{CJK}]{{1,2}}")
 
 _INJECTION = [
     re.compile(r"\b(ignore|disregard|forget)\b.{0,40}\b(above|previous|prior|earlier|instructions?|prompt|rules?)\b", re.I),
@@ -107,7 +111,7 @@ def adds_content(question_text: str, rewrite: str) -> bool:
 
 
 def _cover_cjk(run: str, window: str) -> str | None:
-    """Greedily cover ``run`` with window substrings (length ≥ 2) and glue characters; the uncovered part, or None."""
+    """Greedily cover ``run`` with window substrings (length ≥ 2) and glue characters; the uncovered characters."""
     i, missing = 0, []
     while i < len(run):
         best = 0
@@ -121,7 +125,7 @@ def _cover_cjk(run: str, window: str) -> str | None:
             if run[i] not in ZH_GLUE:
                 missing.append(run[i])
             i += 1
-    return "".join(missing) or None
+    return "".join(missing)
 
 
 def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[str]) -> tuple[bool, str | None]:
@@ -140,7 +144,7 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
 
     # Content kept: most of the question's content units survive (typos fixed and inflections changed
     # by a rewrite are why this is a fraction and not all).
-    q_units = _content_units(q)
+    q_units = _content_units(_DEMONSTRATIVE.sub(" ", q))
     if q_units:
         r_units = set(_content_units(r)) | set(_latin_words(r)) | {_stem(w) for w in _latin_words(r)}
         kept = sum(u in r_units for u in q_units)
@@ -154,7 +158,10 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
     q_words = set(_latin_words(q))
     q_stems = {_stem(w) for w in q_words}
 
-    # What the rewrite adds, span by span (a character diff against the question).
+    # What the rewrite adds, span by span (a character diff against the question). One added character
+    # that the window holds only on its own is accepted: 「你看过飘吗」 → 「飘的主人公是谁」, 「我家猫」 → 「猫」 (twice is once).
+    # Two are not: a hallucinated two-character word is usually made of characters found somewhere.
+    singles: set[str] = set()
     matcher = difflib.SequenceMatcher(a=q, b=r, autojunk=False)
     for op, _a0, _a1, b0, b1 in matcher.get_opcodes():
         if op not in ("insert", "replace"):
@@ -167,7 +174,8 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
         for piece in _PIECE.findall(r[b0:b1]):
             if HAS_CJK.match(piece):
                 missing = _cover_cjk(piece, window + "\n" + q)
-                if missing:
+                singles.update(c for c in missing if c in window)
+                if len(singles) > 1 or any(c not in window for c in missing):
                     return False, f"rewrite adds {piece!r}, not found in the chat ({missing!r} unexplained)"
             else:
                 word = piece.strip(".-")
