@@ -78,7 +78,10 @@ async def test_scheduler_fires_on_its_trigger_and_runs_never_overlap(tmp_path: P
     install(scheduler, IntervalTrigger(seconds=0.2, start_date=datetime.now(timezone.utc)), job)
     scheduler.start()
     try:
-        await asyncio.sleep(2.2)
+        # Until two runs have finished: a loaded machine starts each Python process slowly, so no fixed sleep.
+        deadline = time.monotonic() + 60
+        while len(spans(tmp_path)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
     finally:
         scheduler.shutdown(wait=False)
     await runner.wait(10)
