@@ -92,7 +92,7 @@ def test_injection_detector_leaves_ordinary_questions_alone() -> None:
         assert not looks_like_injection(text), text
 
 
-@pytest.mark.parametrize("name, floor", [("task_gecor.jsonl", 0.85), ("canard_dev.jsonl", 0.75),
+@pytest.mark.parametrize("name, floor", [("task_gecor.jsonl", 0.92), ("canard_dev.jsonl", 0.84),
                                          ("rewrite_zh_train.jsonl", 0.98)])
 def test_most_gold_rewrites_pass(name: str, floor: float) -> None:
     # Human rewrites add words from the dialogue; the validator must not be so strict that it

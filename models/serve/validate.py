@@ -34,7 +34,9 @@ is are was were be been being am do does did done has have had will would can co
 what which who whom whose when where why how that this these those there it its
 his her their them they he she him its one ones
 not no any some other else also besides aside apart after before during while between same such
+addition regards regard along against together related
 i me my you your we us our please want like get got
+doesn don dont isn aren wasn didn t
 s 's
 """.split())
 ZH_GLUE = frozenset("的地得了在上中里和与跟及或是有用把被对为于从到给吗呢吧啊么什怎样个这那该此其它他她们还也都就又再你我"
@@ -45,6 +47,7 @@ ZH_GLUE = frozenset("的地得了在上中里和与跟及或是有用把被对�
 EN_ANAPHORS = frozenset("""
 it its they them their theirs this that these those he him his she her hers one ones there here
 such same former latter the a an do does did so too also else
+anything anywhere anyone something somewhere someone everything
 """.split())
 ZH_ANAPHORS = frozenset("它他她们这那该此其上述个些呢吗吧啊呀么然后前者办")
 # A demonstrative with its classifier and head noun (「这本书」, 「这书」, 「那种性格」) is the anaphor as a whole:
@@ -154,6 +157,7 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
 
     window = _norm("\n".join(window_texts))
     window_words = set(_latin_words(window))
+    window_words |= {part for w in window_words for part in w.split("-")}  # "funkadelic" of "parliament-funkadelic"
     window_stems = {_stem(w) for w in window_words}
     q_words = set(_latin_words(q))
     q_stems = {_stem(w) for w in q_words}
