@@ -8,12 +8,13 @@ A rewrite is accepted when
 - it keeps the question's content (most of its content words / Chinese characters survive);
 - everything it adds comes from the window: each added Latin word is a window word (or a short
   function word), and each added run of Chinese characters is covered by substrings of at least two
-  characters found in the window, apart from a few grammatical particles (的, 在, 上…).
+  characters found in the window, apart from a few grammatical particles (的, 在, 上…) and at most one
+  character the window holds only on its own (「你看过飘吗」 → 「飘的主人公是谁」).
 
 Chinese has no spaces, so "words" cannot be compared one by one: an added run such as 「显卡驱动」
 is accepted when the window contains 「显卡驱动」 or 「显卡」 and 「驱动」 as substrings. Single characters
-are not enough evidence (almost every character occurs somewhere in a long window), so runs are
-covered by pieces of length two or more.
+are weak evidence (almost every character occurs somewhere in a long window), so runs are covered by
+pieces of length two or more, and one lone character per rewrite is the only exception.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def adds_content(question_text: str, rewrite: str) -> bool:
     return any(u not in asked for u in _content_units(_norm(rewrite)))
 
 
-def _cover_cjk(run: str, window: str) -> str | None:
+def _cover_cjk(run: str, window: str) -> str:
     """Greedily cover ``run`` with window substrings (length ≥ 2) and glue characters; the uncovered characters."""
     i, missing = 0, []
     while i < len(run):
@@ -162,9 +163,8 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
     q_words = set(_latin_words(q))
     q_stems = {_stem(w) for w in q_words}
 
-    # What the rewrite adds, span by span (a character diff against the question). One added character
-    # that the window holds only on its own is accepted: 「你看过飘吗」 → 「飘的主人公是谁」, 「我家猫」 → 「猫」 (twice is once).
-    # Two are not: a hallucinated two-character word is usually made of characters found somewhere.
+    # What the rewrite adds, span by span (a character diff against the question). Lone characters are
+    # counted as a set (「猫」 added twice is one); two would let a made-up word of scattered characters in.
     singles: set[str] = set()
     matcher = difflib.SequenceMatcher(a=q, b=r, autojunk=False)
     for op, _a0, _a1, b0, b1 in matcher.get_opcodes():
@@ -177,9 +177,10 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
             b1 += 1
         for piece in _PIECE.findall(r[b0:b1]):
             if HAS_CJK.match(piece):
-                missing = _cover_cjk(piece, window + "\n" + q)
-                singles.update(c for c in missing if c in window)
-                if len(singles) > 1 or any(c not in window for c in missing):
+                seen = window + "\n" + q
+                missing = _cover_cjk(piece, seen)
+                singles.update(missing)
+                if len(singles) > 1 or any(c not in seen for c in missing):
                     return False, f"rewrite adds {piece!r}, not found in the chat ({missing!r} unexplained)"
             else:
                 word = piece.strip(".-")
