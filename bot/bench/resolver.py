@@ -27,7 +27,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
+from corefbot.models.serve.types import DecideBy
 from corefbot.pipeline.metrics import percentile
 from corefbot.pipeline.records import Turn
 
@@ -85,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rewrite-tokens", type=int, default=24,
                    help="rewrite length cap for the end-to-end figure (default 24 tokens)")
     p.add_argument("--n-ctx", type=int, default=2048, help="llama.cpp context size (default 2048)")
-    p.add_argument("--decide-by", choices=["letter", "rewrite"], default="letter",
+    p.add_argument("--decide-by", choices=get_args(DecideBy), default="letter",
                    help="how the backend decides (COREFBOT_DECIDE_BY); rewrite: every question is rewritten, "
                         "and one the model copies is answered as asked")
 

@@ -5,6 +5,9 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import get_args
+
+from corefbot.models.serve.types import DecideBy, DecideSetting
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -79,13 +82,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-rewrites", action="store_true", help="decisions only")
     p.add_argument("--report", metavar="OUT.json")
     _engine_options(p)
-    p.add_argument("--decide-by", choices=["letter", "rewrite"], default="letter",
+    p.add_argument("--decide-by", choices=get_args(DecideBy), default="letter",
                    help="rewrite: needs resolution when the served model's rewrite adds a word the question lacks "
                         "(COREFBOT_DECIDE_BY; with --engine llama)")
     p.add_argument("--served", action="store_true",
                    help="also the bot's whole resolver with its default settings (gate, the run's measured decide "
                         "mode, rewrite validation): the decision and the question forwarded, as the group sees them")
-    p.add_argument("--served-decide-by", choices=["auto", "letter", "rewrite"], default="auto",
+    p.add_argument("--served-decide-by", choices=get_args(DecideSetting), default="auto",
                    help="how the served resolver decides: auto (default) as the bot does by default, the run's "
                         "measured mode; letter or rewrite as COREFBOT_DECIDE_BY sets it")
     p.set_defaults(func=cmd_seed_eval)

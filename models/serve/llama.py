@@ -36,9 +36,9 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Literal, Sequence, TypeVar, get_args
 
-from corefbot.models.serve.types import Resolution
+from corefbot.models.serve.types import DecideBy, DecideSetting, Resolution
 from corefbot.models.serve.validate import adds_content
 from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, Prompt, build_prompt, chatml_prefix, one_line
 from corefbot.pipeline.records import Decision, Turn
@@ -57,20 +57,6 @@ _OBSERVE_CHUNK = 64  # prefill granularity: a waiting question pre-empts a prefi
 #: "auto": rewrite when the decision is "needs"; "always": also when it is not (rewrite quality is
 #: evaluated against gold rewrites whatever the decision); "never": decision only.
 RewriteMode = Literal["auto", "always", "never"]
-#: How the backend decides. "letter": the option letters' logits (the paper's single choice; with a run
-#: folder's measured ``letter_threshold``, "needs" from that probability on, see :class:`ServedModel`). "rewrite": the
-#: model rewrites every question after the "needs" letter and the question needs resolution exactly when
-#: its rewrite adds a content word (or Chinese character) to it (:func:`~corefbot.models.serve.validate.adds_content`;
-#: a rewrite that only drops a 「那」 or reorders was the most common false "needs" on zh topics). Measured
-#: on the seed recipe's held-out sets, a fine-tuned 0.5B rewrites well long before its letters carry the
-#: decision (README, "Real Qwen"); the price is a rewrite's generation time on every question (a question the
-#: model copies costs one batch, see :meth:`LlamaBackend._generate_line`). ``probs`` (and so the margin the
-#: labels plugin asks and queues by) follow the mode: the letters', or in rewrite mode the probability that
-#: the model copies the question as it is ("not_needed") and the rest ("needs").
-DecideBy = Literal["letter", "rewrite"]
-#: "auto": the mode measured better for a run folder (its ``decide.json``, written by ``corefbot export-lora``
-#: and the nightly job); "letter" for a bare GGUF or a run folder without the measurement.
-DecideSetting = Literal["auto", "letter", "rewrite"]
 DECIDE_FILE = "decide.json"
 
 
@@ -160,7 +146,7 @@ class ServedModel:
     def decide_mode(self, setting: DecideSetting = "auto") -> DecideBy:
         """How a question is decided under ``setting``: "auto" is the mode measured for this model, and the
         letter where nothing was measured (a plain GGUF)."""
-        if setting not in ("auto", "letter", "rewrite"):
+        if setting not in get_args(DecideSetting):
             raise ValueError(f"decide_by must be 'auto', 'letter' or 'rewrite', not {setting!r}")
         return (self.decide_by or "letter") if setting == "auto" else setting
 
@@ -220,7 +206,7 @@ def _measured_decision(run_dir: Path, route: str) -> tuple[DecideBy | None, floa
         log.warning("%s unreadable (%s): deciding by the letter", run_dir / DECIDE_FILE, exc)
         return None, None
     chosen = record.get("decide_by")
-    if record.get("route") != route or chosen not in ("letter", "rewrite"):
+    if record.get("route") != route or chosen not in get_args(DecideBy):
         return None, None  # measured on another route of this run, or not a choice this version knows
     threshold = record.get("letter_threshold")
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):

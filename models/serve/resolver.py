@@ -18,7 +18,7 @@ from corefbot.models.serve.types import BACKENDS, Backend, BackendName, Resoluti
 from corefbot.pipeline.records import Turn
 
 if TYPE_CHECKING:
-    from corefbot.models.serve.llama import DecideSetting
+    from corefbot.models.serve.types import DecideSetting
 
 log = logging.getLogger(__name__)
 

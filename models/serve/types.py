@@ -9,6 +9,21 @@ from corefbot.pipeline.records import Decision, Turn
 BackendName = Literal["rules", "llama-cpp", "http"]
 BACKENDS: tuple[BackendName, ...] = ("rules", "llama-cpp", "http")
 
+#: How the llama-cpp backend decides. "letter": the option letters' logits (the paper's single choice; with a run
+#: folder's measured ``letter_threshold``, "needs" from that probability on, see ``llama.ServedModel``). "rewrite":
+#: the model rewrites every question after the "needs" letter and the question needs resolution exactly when its
+#: rewrite adds a content word (or Chinese character) to it (:func:`~corefbot.models.serve.validate.adds_content`;
+#: a rewrite that only drops a 「那」 or reorders was the most common false "needs" on zh topics). Measured on the
+#: seed recipe's held-out sets, a fine-tuned 0.5B rewrites well long before its letters carry the decision (README,
+#: "Real Qwen"); the price is a rewrite's generation time on every question (a question the model copies costs one
+#: batch, see ``llama.LlamaBackend._generate_line``). ``probs`` (and so the margin the labels plugin asks and
+#: queues by) follow the mode: the letters', or in rewrite mode the probability that the model copies the question
+#: as it is ("not_needed") and the rest ("needs").
+DecideBy = Literal["letter", "rewrite"]
+#: "auto": the mode measured better for a run folder (its ``decide.json``, written by ``corefbot export-lora``
+#: and the nightly job); "letter" for a bare GGUF or a run folder without the measurement.
+DecideSetting = Literal["auto", "letter", "rewrite"]
+
 
 @dataclass(frozen=True, slots=True)
 class Resolution:

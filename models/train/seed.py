@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from corefbot.pipeline.records import Example
 
 if TYPE_CHECKING:
-    from corefbot.models.serve.llama import DecideBy, DecideSetting
+    from corefbot.models.serve.types import DecideBy, DecideSetting
     from corefbot.models.train.evaluate_gguf import Engine
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, Field, field_validator
 from pydantic_core import PydanticUndefined
 
-from corefbot.models.serve.types import BackendName
+from corefbot.models.serve.types import BackendName, DecideSetting
 from corefbot.models.ship.gguf import Quant
 from corefbot.models.ship.nightly import NightlyConfig
 from corefbot.pipeline.labels.limits import ConfirmLimits, parse_quiet_hours
@@ -108,7 +108,7 @@ class ResolverSettings(BaseModel):
     corefbot_resolver_model: str = Field("default", description="model name sent to the `http` backend")
     corefbot_resolver_key: str | None = Field(None, description="bearer key for the `http` backend")
     corefbot_resolver_threads: int | None = Field(None, description="llama.cpp threads; unset: the backend's choice")
-    corefbot_decide_by: Literal["auto", "letter", "rewrite"] = Field(
+    corefbot_decide_by: DecideSetting = Field(
         "auto", description="how `llama-cpp` decides: `letter` (the option letters, the paper's way), `rewrite` "
                             "(needs resolution when the model's rewrite adds a word the question lacks) or `auto` (the "
                             "mode measured better on a run folder's test split by `corefbot export-lora` and the "
