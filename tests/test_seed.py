@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from corefbot.models.train.seed import SEED_SETS, SeedSet, _rewrite_held, build_seed_data
+from corefbot.models.train.seed import SEED_SETS, SeedSet, _rewrite_held, build_seed_data, with_caps
 
 
 def _pairs(n: int, prefix: str = "rw") -> list[dict]:
@@ -47,6 +47,22 @@ def test_successive_samples_are_fresh_pairs_with_the_same_held_out_part(tmp_path
     assert json.loads((tmp_path / "s1" / "seed-data.json").read_text())["sample"] == 1
     with pytest.raises(ValueError, match="sample"):
         build_seed_data(tmp_path, tmp_path / "bad", sets=sets, sample=-1)
+
+
+def test_a_cap_changes_how_many_rows_one_set_trains_on(tmp_path: Path) -> None:
+    _write(tmp_path / "rw.jsonl", _pairs(300))
+    sets = (SeedSet("rewrite_zh", "rw.jsonl", "zh", _rewrite_held, 100),)
+    default = build_seed_data(tmp_path, tmp_path / "d", sets=sets)
+    more = build_seed_data(tmp_path, tmp_path / "m", sets=with_caps({"rewrite_zh": 200}, sets))
+
+    assert (default.counts["rewrite_zh"]["train"], more.counts["rewrite_zh"]["train"]) == (100, 200)
+    assert set(_ids(default.train)) < set(_ids(more.train))  # the same hash order, further along it
+    assert _ids(default.heldout["rewrite_zh"]) == _ids(more.heldout["rewrite_zh"])
+    assert json.loads((tmp_path / "m" / "seed-data.json").read_text())["caps"] == {"rewrite_zh": 200}
+    with pytest.raises(ValueError, match="'rewrite'"):
+        with_caps({"rewrite": 10}, sets)
+    with pytest.raises(ValueError, match="1 or more"):
+        with_caps({"rewrite_zh": 0}, sets)
 
 
 def test_a_missing_public_set_is_named(tmp_path: Path) -> None:

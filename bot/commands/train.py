@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", type=int, default=0,
                    help="which successive sample of the large sets to train on (default 0; 1, 2 … are fresh "
                         "pairs for a further sitting; the held-out parts never change)")
+    p.add_argument("--cap", action="append", default=[], metavar="SET=ROWS",
+                   help="train on ROWS rows of SET instead of the recipe's cap (repeatable; e.g. rewrite_zh=2000; "
+                        "the sets: task, canard, rewrite_zh, cases_en, topics_en, cases_zh, topics_zh)")
     p.add_argument("--data-only", action="store_true",
                    help="write seed-data/ and stop (then train on it with corefbot train)")
     p.add_argument("--init-adapter", metavar="RUN_DIR",
@@ -185,14 +188,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _caps(pairs: list[str]) -> dict[str, int]:
+    caps: dict[str, int] = {}
+    for pair in pairs:
+        name, sep, rows = pair.partition("=")
+        if not sep or not rows.strip().isdigit():
+            raise ValueError(f"--cap {pair!r}: expected SET=ROWS, e.g. rewrite_zh=2000")
+        caps[name.strip()] = int(rows)
+    return caps
+
+
 def cmd_seed(args: argparse.Namespace) -> int:
     from corefbot.models.train.finetune import load_preset
     from corefbot.models.serve.llama import served_model
     from corefbot.models.train.run import read_run, run
-    from corefbot.models.train.seed import build_seed_data
+    from corefbot.models.train.seed import build_seed_data, with_caps
 
     out = Path(args.out)
-    data = build_seed_data(args.data_dir, out / "seed-data", sample=args.sample)
+    data = build_seed_data(args.data_dir, out / "seed-data", sample=args.sample, sets=with_caps(_caps(args.cap)))
     for name, c in data.counts.items():
         print(f"seed set     {name}: train {c['train']} of {c['train_available']}, held out {c['heldout']}")
     if args.data_only:

@@ -26,7 +26,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from corefbot.pipeline.records import Example
 
@@ -94,6 +94,18 @@ def _unit(row: dict) -> str:
     return rid
 
 
+def with_caps(caps: Mapping[str, int], sets: Sequence[SeedSet] = SEED_SETS) -> tuple[SeedSet, ...]:
+    """``sets`` with the training caps in ``caps`` (set name → rows) changed; an unknown name or a cap under 1
+    is an error naming it."""
+    names = {s.name for s in sets}
+    for name, cap in caps.items():
+        if name not in names:
+            raise ValueError(f"no seed set {name!r} (the sets: {', '.join(sorted(names))})")
+        if cap < 1:
+            raise ValueError(f"the cap of seed set {name!r} must be 1 or more, not {cap}")
+    return tuple(replace(s, train_cap=caps[s.name]) if s.name in caps else s for s in sets)
+
+
 def build_seed_data(data_dir: str | Path, out: str | Path, *,
                     sets: Sequence[SeedSet] = SEED_SETS, sample: int = 0) -> SeedData:
     """Write ``out/train.jsonl`` and ``out/heldout-<set>.jsonl``; a missing public file is an error naming it.
@@ -142,6 +154,7 @@ def build_seed_data(data_dir: str | Path, out: str | Path, *,
     tp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows), encoding="utf-8")
     (out / "seed-data.json").write_text(json.dumps(
         {"data_dir": str(data_dir.resolve()), "sample": sample, "counts": counts,
+         "caps": {s.name: s.train_cap for s in sets},
          "rules": {"task": "split != train", "canard": "sha256('canard:'+conversation) < 30%",
                    "rewrite_zh": "sha256('rewrite:'+pair id) < 10%", "cases": "split == test"}},
         indent=2))
