@@ -58,7 +58,7 @@ def test_injections_never_forward_the_rewrite(question: str, rewrite: str) -> No
     (["你把你头像换了"], "换了", "换了你的头像"),
 ])
 def test_chinese_gold_rewrites_pass(window: list[str], question: str, rewrite: str) -> None:
-    # Each was refused before (Su-2019 gold rewrites): 5.4% of that set's golds were, 0.8% are now.
+    # Each was refused before (Su-2019 gold rewrites): 5.4% of that set's golds were, 0.7% are now.
     ok, reason = validate_rewrite(question, rewrite, window)
     assert ok, reason
 
@@ -106,7 +106,7 @@ def test_most_gold_rewrites_pass(name: str, floor: float) -> None:
 @pytest.mark.parametrize("name, ceiling", [("rewrite_zh_train.jsonl", 0.01), ("canard_dev.jsonl", 0.03)])
 def test_gold_rewrites_against_another_window_are_refused(name: str, ceiling: float) -> None:
     # A gold rewrite checked against the window of another conversation names things that chat never
-    # had: the stand-in for a hallucinated antecedent (on 4,000 pairs, 0.5% of REWRITE and 0.9% of CANARD
+    # had: the stand-in for a hallucinated antecedent (on 4,000 pairs, 0.6% of REWRITE and 0.9% of CANARD
     # are accepted; 0.4% and 0.9% before validation learnt 「这本书」 and lone characters).
     rows = [json.loads(line) for line in open(shared_data(name), encoding="utf-8")]
     rows = [r for r in rows if r["needs_rewrite"]][:800]

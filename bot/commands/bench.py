@@ -18,6 +18,7 @@ BENCHES = {
     "resolver": "corefbot.bench.resolver",  # llama-cpp resolver latency: naive vs per-group prefill, RSS (issue 3)
     "figures": "corefbot.bench.figures",  # held-out figures of several models side by side (issue 10)
     "prompt": "corefbot.bench.prompt",  # the served prompt's tokens with a real tokenizer (issue 10)
+    "validate": "corefbot.bench.validate",  # gold rewrites accepted against their own window and another's (issue 10)
     "forward": "corefbot.bench.forward",  # resolver plugin: question -> assistant -> reply through the real bot (issue 3)
 }
 
