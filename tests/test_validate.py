@@ -1,10 +1,9 @@
 """Rewrite validation: hallucinated entities and injections are rejected, faithful rewrites pass."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
+from corefbot.bench.validate import accepted_another_window, accepted_own_window, gold_rewrites
 from corefbot.models.serve.validate import adds_content, looks_like_injection, validate_rewrite
 from tests.conftest import shared_data
 
@@ -97,10 +96,7 @@ def test_injection_detector_leaves_ordinary_questions_alone() -> None:
 def test_most_gold_rewrites_pass(name: str, floor: float) -> None:
     # Human rewrites add words from the dialogue; the validator must not be so strict that it
     # throws most of them away (it may reject some that add unseen words, e.g. "type of cuisine").
-    rows = [json.loads(line) for line in open(shared_data(name), encoding="utf-8")]
-    rows = [r for r in rows if r["needs_rewrite"]][:800]
-    accepted = sum(validate_rewrite(r["query"], r["rewrite"], r["context"])[0] for r in rows)
-    assert accepted / len(rows) >= floor
+    assert accepted_own_window(gold_rewrites(shared_data(name), 800)) >= floor
 
 
 @pytest.mark.parametrize("name, ceiling", [("rewrite_zh_train.jsonl", 0.01), ("canard_dev.jsonl", 0.03)])
@@ -108,12 +104,7 @@ def test_gold_rewrites_against_another_window_are_refused(name: str, ceiling: fl
     # A gold rewrite checked against the window of another conversation names things that chat never
     # had: the stand-in for a hallucinated antecedent (on 4,000 pairs, 0.6% of REWRITE and 0.9% of CANARD
     # are accepted; 0.4% and 0.9% before validation learnt 「这本书」 and lone characters).
-    rows = [json.loads(line) for line in open(shared_data(name), encoding="utf-8")]
-    rows = [r for r in rows if r["needs_rewrite"]][:800]
-    others = rows[400:] + rows[:400]
-    pairs = [(r, o) for r, o in zip(rows, others) if r["rewrite"] != o["rewrite"]]
-    accepted = sum(validate_rewrite(r["query"], r["rewrite"], o["context"])[0] for r, o in pairs)
-    assert accepted / len(pairs) <= ceiling
+    assert accepted_another_window(gold_rewrites(shared_data(name), 800)) <= ceiling
 
 
 @pytest.mark.parametrize("question, rewrite, adds", [
@@ -135,6 +126,5 @@ def test_gold_rewrites_add_content(name: str) -> None:
     # Deciding by the rewrite counts a question as needing resolution when its rewrite adds content: the
     # gold rewrites of the public sets do: 97.7% (TASK) to 99.6% (REWRITE). The rest add only glue ("I
     # dont care" -> "I dont care about which one") or name an antecedent the question already holds.
-    rows = [json.loads(line) for line in open(shared_data(name), encoding="utf-8")]
-    rows = [r for r in rows if r["needs_rewrite"]]
+    rows = gold_rewrites(shared_data(name))
     assert sum(adds_content(r["query"], r["rewrite"]) for r in rows) / len(rows) >= 0.97

@@ -22,24 +22,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="OUT.json")
 
 
-def run(args: argparse.Namespace) -> int:
-    from corefbot.models.serve.validate import validate_rewrite
+def gold_rewrites(path: Path, n: int | None = None) -> list[dict]:
+    """The first ``n`` rows of a public set whose question needs resolution (each has its gold ``rewrite``)."""
     from corefbot.pipeline.examples import read_jsonl
 
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: public set missing (see shared/data/README.md)")
+    return [r for _, r in read_jsonl(path) if r["needs_rewrite"]][:n]
+
+
+def accepted_own_window(rows: list[dict]) -> float:
+    """Share of the gold rewrites validation accepts against their own window."""
+    from corefbot.models.serve.validate import validate_rewrite
+
+    return sum(validate_rewrite(r["query"], r["rewrite"], r["context"])[0] for r in rows) / len(rows)
+
+
+def accepted_another_window(rows: list[dict]) -> float:
+    """Share accepted against the window of another conversation: the list rotated by half (pairs whose two
+    gold rewrites are the same text are left out)."""
+    from corefbot.models.serve.validate import validate_rewrite
+
+    half = len(rows) // 2
+    pairs = [(r, o) for r, o in zip(rows, rows[half:] + rows[:half]) if r["rewrite"] != o["rewrite"]]
+    return sum(validate_rewrite(r["query"], r["rewrite"], o["context"])[0] for r, o in pairs) / len(pairs)
+
+
+def run(args: argparse.Namespace) -> int:
     figures: dict[str, dict[str, float | int]] = {}
     for name in SETS:
-        path = Path(args.data_dir) / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: public set missing (see shared/data/README.md)")
-        rows = [r for _, r in read_jsonl(path) if r["needs_rewrite"]][: args.n]
-        half = len(rows) // 2
-        pairs = [(r, o) for r, o in zip(rows, rows[half:] + rows[:half]) if r["rewrite"] != o["rewrite"]]
-        own = sum(validate_rewrite(r["query"], r["rewrite"], r["context"])[0] for r in rows)
-        other = sum(validate_rewrite(r["query"], r["rewrite"], o["context"])[0] for r, o in pairs)
-        figures[name] = {"golds": len(rows), "accepted_own_window": round(own / len(rows), 4),
-                         "accepted_another_window": round(other / len(pairs), 4)}
-        print(f"{name:24s} {len(rows):5d} golds   accepted: own window {own / len(rows):.3f}, "
-              f"another conversation's {other / len(pairs):.3f}")
+        rows = gold_rewrites(Path(args.data_dir) / name, args.n)
+        own, other = accepted_own_window(rows), accepted_another_window(rows)
+        figures[name] = {"golds": len(rows), "accepted_own_window": round(own, 4),
+                         "accepted_another_window": round(other, 4)}
+        print(f"{name:24s} {len(rows):5d} golds   accepted: own window {own:.3f}, another conversation's {other:.3f}")
     if args.report:
         Path(args.report).write_text(json.dumps(figures, indent=2))
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import get_args
 
 from corefbot.models.serve.types import DecideBy, DecideSetting
+from corefbot.models.train.seed import SEED_SETS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "pairs for a further sitting; the held-out parts never change)")
     p.add_argument("--cap", action="append", default=[], metavar="SET=ROWS",
                    help="train on ROWS rows of SET instead of the recipe's cap (repeatable; e.g. rewrite_zh=2000; "
-                        "the sets: task, canard, rewrite_zh, cases_en, topics_en, cases_zh, topics_zh)")
+                        f"the sets: {', '.join(s.name for s in SEED_SETS)})")
     p.add_argument("--data-only", action="store_true",
                    help="write seed-data/ and stop (then train on it with corefbot train)")
     p.add_argument("--init-adapter", metavar="RUN_DIR",
