@@ -76,6 +76,17 @@ def test_rewrite_that_drops_the_question_is_rejected() -> None:
     assert not ok and "drops" in reason
 
 
+@pytest.mark.parametrize("question, rewrite", [
+    ("召回和排序有啥区别", "回和排序有啥区别"),  # a real model's line: one character lost, nothing resolved
+    ("how do I install it on TX2 with docker?", "how do I install it on TX2?"),
+])
+def test_a_rewrite_that_only_loses_words_is_rejected(question: str, rewrite: str) -> None:
+    ok, reason = validate_rewrite(question, rewrite, WINDOW_ZH + WINDOW_EN + ["群里有没有做推荐系统的"])
+    assert not ok and "adds nothing" in reason
+    # dropping only the anaphor's particle, or nothing, is still forwarded
+    assert validate_rewrite("那 mmpose 呢？", "mmpose 呢？", WINDOW_ZH)[0]
+
+
 def test_shape_checks() -> None:
     assert validate_rewrite("it?", "", WINDOW_EN) == (False, "empty rewrite")
     assert not validate_rewrite("it?", "mmpose?\nsecond line", WINDOW_EN)[0]

@@ -729,7 +729,8 @@ class LlamaBackend:
             self._decode([tok, *draft], job, logits_all=bool(draft))
             at = 0 if draft else -1
             self.last_rewrite_steps += 1
-        text = (self._llm.detokenize(line) + tail).decode("utf-8", errors="ignore").strip()
+        # Only a cut at max_rewrite_tokens can leave a character unfinished: "ignore" drops that one.
+        text = (b"".join(self._pieces[t] for t in line) + tail).decode("utf-8", errors="ignore").strip()
         return text[:MAX_REWRITE_CHARS] or None, copy_p
 
     def _pick(self, at: int, *, owed: int | None) -> int:

@@ -151,10 +151,13 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
     q_units = _content_units(_DEMONSTRATIVE.sub(" ", q))
     if q_units:
         r_units = set(_content_units(r)) | set(_latin_words(r)) | {_stem(w) for w in _latin_words(r)}
-        kept = sum(u in r_units for u in q_units)
-        if kept / len(q_units) < 0.6:
-            lost = [u for u in q_units if u not in r_units]
+        lost = [u for u in q_units if u not in r_units]
+        if len(lost) > 0.4 * len(q_units):
             return False, f"rewrite drops the question's content ({' '.join(lost[:5])})"
+        # A line that loses a word and brings none resolves nothing: the question as asked is better
+        # (「召回和排序有啥区别」 written 「回和排序有啥区别」).
+        if lost and not adds_content(question_text, rewrite):
+            return False, f"rewrite drops {' '.join(lost[:5])} and adds nothing"
 
     window = _norm("\n".join(window_texts))
     window_words = set(_latin_words(window))
