@@ -511,6 +511,9 @@ class LlamaBackend:
         pieces = []
         for t in range(self._n_vocab):
             n = lc.llama_token_to_piece(self._vocab, t, buf, len(buf), 0, False)
+            if n < 0:  # a longer piece: -n is its size
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self._vocab, t, buf, len(buf), 0, False)
             pieces.append(buf.raw[:n] if n > 0 else b"")
         self._pieces = pieces
         eog = np.array([bool(lc.llama_vocab_is_eog(self._vocab, t)) for t in range(self._n_vocab)])
