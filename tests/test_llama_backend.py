@@ -330,3 +330,13 @@ def test_deciding_by_the_rewrite_reports_the_probability_of_copying_the_question
         llm.close()
     # In logs: a random-weight model copies with a tiny probability, and every token's term must be right.
     assert math.log(res.probs["not_needed"]) == pytest.approx(logp, abs=0.05)
+
+
+def test_drafting_changes_the_cost_of_a_rewrite_not_the_rewrite(tiny_gguf: Path):
+    with pytest.raises(ValueError, match="draft_tokens"):
+        LlamaBackend(tiny_gguf, n_threads=2, draft_tokens=-1)
+    lines = {}
+    for k in (0, 8):
+        with LlamaBackend(tiny_gguf, n_threads=2, draft_tokens=k) as b:
+            lines[k] = [b.resolve(WINDOW, q, rewrite="always").rewrite for q in QUESTIONS]
+    assert lines[0] == lines[8]

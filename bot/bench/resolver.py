@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
+from corefbot.models.serve.llama import DRAFT_TOKENS
 from corefbot.models.serve.types import DecideBy
 from corefbot.pipeline.metrics import percentile
 from corefbot.pipeline.records import Turn
@@ -87,6 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rewrite-tokens", type=int, default=24,
                    help="rewrite length cap for the end-to-end figure (default 24 tokens)")
     p.add_argument("--n-ctx", type=int, default=2048, help="llama.cpp context size (default 2048)")
+    p.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS,
+                   help=f"tokens drafted per rewrite step (default {DRAFT_TOKENS}; 0: one token a step)")
     p.add_argument("--decide-by", choices=get_args(DecideBy), default="letter",
                    help="how the backend decides (COREFBOT_DECIDE_BY); rewrite: every question is rewritten, "
                         "and one the model copies is answered as asked")
@@ -142,7 +145,7 @@ def _measure(model: Path, args: argparse.Namespace, cases) -> dict:
 
     # A generous timeout: the bench measures latency, it does not serve (a loaded machine can be slow).
     b = LlamaBackend(model, n_threads=args.threads, n_ctx=args.n_ctx, max_rewrite_tokens=args.rewrite_tokens,
-                     max_groups=GROUPS * 4, timeout_s=600, decide_by=args.decide_by)
+                     max_groups=GROUPS * 4, timeout_s=600, decide_by=args.decide_by, draft_tokens=args.draft_tokens)
     try:
         b.resolve(cases[0][1], cases[0][2], rewrite="never", cold=True)  # warm-up: buffers, thread pool
         out: dict[str, list[float]] = {k: [] for k in ("lat", "naive", "e2e", "prefill", "q_tokens", "tokens",
@@ -231,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         "naive_p50_ms": round(naive_p50, 1), "naive_p95_ms": round(percentile(m["naive"], 95), 1),
         "p50_ms": round(p50, 1), "p95_ms": round(p95, 1), "speedup": round(naive_p50 / p50, 2),
         "e2e_p50_ms": round(percentile(m["e2e"], 50), 1), "e2e_p95_ms": round(percentile(m["e2e"], 95), 1),
-        "e2e_n": len(m["e2e"]), "rewrite_tokens_cap": args.rewrite_tokens,
+        "e2e_n": len(m["e2e"]), "rewrite_tokens_cap": args.rewrite_tokens, "draft_tokens": args.draft_tokens,
         # questions the model decided to forward as asked: with --decide-by rewrite, those it copied
         "as_asked_n": len(m["as_asked"]), "as_asked_p50_ms": round(percentile(m["as_asked"], 50), 1),
         "prefill_p50_ms": round(percentile(m["prefill"], 50), 1),

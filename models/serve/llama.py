@@ -266,7 +266,7 @@ class LlamaBackend:
                  timeout_s: float | None = 30.0, max_queue: int = 8, max_groups: int = 32,
                  max_state_mb: float = 256.0, max_rewrite_tokens: int = 96, n_batch: int = 512,
                  reuse: bool = True, lora_path: str | Path | None = None, lora_scale: float = 1.0,
-                 decide_by: DecideSetting = "auto") -> None:
+                 decide_by: DecideSetting = "auto", draft_tokens: int = DRAFT_TOKENS) -> None:
         """``model_path``: a GGUF, or a finetune run folder (see :func:`served_model`), which brings its
         own adapter. ``lora_path``: a GGUF LoRA applied to the GGUF at ``lora_scale`` (llama.cpp takes it
         only when the context is built: another adapter means another backend). ``timeout_s=None``
@@ -290,6 +290,9 @@ class LlamaBackend:
         self.max_groups = max_groups
         self.max_state_bytes = int(max_state_mb * 1024 * 1024)
         self.max_rewrite_tokens = max_rewrite_tokens
+        if draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be 0 or more, not {draft_tokens}")
+        self.draft_tokens = draft_tokens  # 0: a rewrite step evaluates only its token (the question is still read in one batch)
         self.reuse = reuse
         self.decide_by: DecideBy = served.decide_mode(decide_by)
         self.needs_threshold = served.needs_threshold  # the run's own calibration of its letter, in either setting
@@ -724,7 +727,7 @@ class LlamaBackend:
                 tail = self._pieces[tok].split(b"\n", 1)[0]
                 break
             line.append(tok)
-            draft = _lookup(line, sources, min(DRAFT_TOKENS, self.max_rewrite_tokens - len(line)))
+            draft = _lookup(line, sources, min(self.draft_tokens, self.max_rewrite_tokens - len(line)))
             for i, t in enumerate(draft):
                 if t in self._unsafe_draft:
                     del draft[i:]
