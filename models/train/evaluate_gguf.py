@@ -7,7 +7,7 @@ Decisions: the letters' logits after each prompt, in all six option orders (orde
 consecutive prompts share their header's KV); a backend that decides by the rewrite is asked once per
 question (the options play no part). Rewrites: the served path itself
 (:meth:`~corefbot.models.serve.llama.LlamaBackend.resolve` with ``rewrite="always"``: the "needs" letter,
-then one greedy line under the rewrite grammar).
+then one greedy line, as served).
 """
 from __future__ import annotations
 
