@@ -78,7 +78,7 @@ def test_rewrite_is_one_bounded_line(backend: LlamaBackend):
     seen = 0
     for q in QUESTIONS:
         res = backend.resolve(WINDOW, q, group="g-grammar", rewrite="always")
-        assert res.rewrite is not None  # a random model still writes something: the first token must
+        assert res.rewrite is not None  # a random model still writes something: its first token must write text
         assert "\n" not in res.rewrite and "\r" not in res.rewrite
         assert "<|im_start|>" not in res.rewrite and "<|endoftext|>" not in res.rewrite
         assert 0 < len(res.rewrite) <= MAX_REWRITE_CHARS
