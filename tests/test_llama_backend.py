@@ -274,6 +274,49 @@ def test_a_rewrite_read_against_the_question_is_the_plain_greedy_line(backend: L
     assert sum(steps for *_, steps, _ in drafted) * 2 < sum(n for *_, n in drafted)
 
 
+def test_a_rewrite_writes_no_token_with_a_chinese_character_the_chat_lacks(backend: LlamaBackend):
+    """The served line is kept to tokens whose Chinese characters the chat (and validation's glue) has:
+    the tiny model, left alone, writes tokens with characters the chat never had; kept, it writes none
+    and the line is still one line. (A character the vocabulary only holds as bytes split across tokens
+    is not seen by the mask; validation still refuses it.)"""
+    import re
+
+    from corefbot.models.serve.validate import allowed_cjk
+    from corefbot.pipeline.text import CJK
+
+    lead = [backend._letters[SERVE_ORDER.index("needs")], backend._nl]
+    window = WINDOW[:2]
+
+    def foreign_tokens(job, question: Turn, kept: bool) -> tuple[set[str], str | None]:
+        allowed = allowed_cjk(question.text, [t.text for t in window])
+        full = backend._tokenize(build_prompt(window, question, SERVE_ORDER).chatml())
+        backend._reset_context()
+        backend._decode(full, job)
+        line = backend._generate_line(job, lead, banned=backend._foreign(allowed) if kept else None)[0]
+        written = backend._live[len(full) + len(lead):]
+        chars = {c for t in written for c in re.findall(f"[{CJK}]", backend._pieces[t].decode("utf-8", errors="ignore"))}
+        return chars - allowed, line
+
+    free = [backend.call(lambda job, q=q: foreign_tokens(job, q, False), timeout_s=300) for q in QUESTIONS]
+    kept = [backend.call(lambda job, q=q: foreign_tokens(job, q, True), timeout_s=300) for q in QUESTIONS]
+    assert any(chars for chars, _ in free), "the tiny model never wrote a foreign character: the test shows nothing"
+    assert all(not chars for chars, _ in kept), kept
+    assert all(line and "\n" not in line for _, line in kept)
+
+
+def test_foreign_tokens_are_those_with_a_chinese_character_outside_the_set(backend: LlamaBackend):
+    import re
+
+    from corefbot.pipeline.text import CJK
+
+    allowed = frozenset("部署手机上吗")
+    banned = backend._foreign(allowed)
+    for t, piece in enumerate(backend._pieces):
+        chars = set(re.findall(f"[{CJK}]", piece.decode("utf-8", errors="ignore")))
+        assert bool(banned[t]) == bool(chars - allowed), (t, piece)
+    assert banned.any() and not banned.all()
+
+
 def test_drafts_continue_the_latest_match_in_the_first_source_that_has_one():
     from corefbot.models.serve.llama import _lookup
 

@@ -9,7 +9,8 @@ Decision: the prompt comes from :func:`corefbot.pipeline.prompt.build_prompt` (t
 assistant position are soft-maxed into ``Resolution.probs`` and the decision is their argmax, so it can
 never be unparseable. When the decision is "needs", the letter and a newline are appended (exactly as
 :func:`corefbot.pipeline.prompt.target` writes training targets) and the rewrite is generated greedily as
-one line of bounded length; control tokens are masked so no ChatML marker leaks into the text. The
+one line of bounded length; control tokens are masked so no ChatML marker leaks into the text, and so
+are tokens with a Chinese character the chat does not hold (validation would refuse the line for it). The
 question's own tokens go into the same batch as the letter, and each later step drafts what followed the
 line's last tokens in the question or the window: the runs a rewrite copies cost no steps of their own.
 With ``decide_by="rewrite"`` the rewrite itself decides (see :data:`DecideBy`).
@@ -31,6 +32,7 @@ import math
 import os
 import threading
 import time
+import unicodedata
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -39,9 +41,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar, get_args
 
 from corefbot.models.serve.types import DecideBy, DecideSetting, Resolution
-from corefbot.models.serve.validate import adds_content
+from corefbot.models.serve.validate import adds_content, allowed_cjk
 from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, Prompt, build_prompt, chatml_prefix, one_line
 from corefbot.pipeline.records import Decision, Turn
+from corefbot.pipeline.text import HAS_CJK
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -537,6 +540,28 @@ class LlamaBackend:
         # What ends a rewrite line, and what the copy probability masks.
         self._line_ends = np.flatnonzero(eog).tolist() + [self._nl]
         self._control_ids = np.flatnonzero(control).tolist()
+        # Each token's distinct Chinese characters, as postings (character -> tokens) and a count per token:
+        # :meth:`_foreign` finds the tokens with a character outside a set from them in a few milliseconds.
+        postings: dict[str, list[int]] = {}
+        self._cjk_count = np.zeros(self._n_vocab, dtype=np.int16)
+        for t, p in enumerate(pieces):
+            # Bytes of a character split across tokens are not a character: only whole ones count.
+            chars = set(HAS_CJK.findall(unicodedata.normalize("NFKC", p.decode("utf-8", errors="ignore"))))
+            self._cjk_count[t] = len(chars)
+            for c in chars:
+                postings.setdefault(c, []).append(t)
+        self._cjk_postings = {c: np.array(ts) for c, ts in postings.items()}
+
+    def _foreign(self, allowed: frozenset[str]) -> Any:
+        """Tokens holding a Chinese character not in ``allowed`` (a boolean mask over the vocabulary)."""
+        import numpy as np
+
+        inside = np.zeros(self._n_vocab, dtype=np.int16)
+        for c in allowed:
+            ts = self._cjk_postings.get(c)
+            if ts is not None:
+                inside[ts] += 1  # a token lists each of its characters once
+        return inside < self._cjk_count
 
     def _owed_after(self, owed: int, token: int) -> int:
         """The continuation bytes the line owes after ``token`` (one :meth:`_pick` allowed)."""
@@ -662,7 +687,9 @@ class LlamaBackend:
         if self.decide_by == "rewrite" or job.rewrite == "always" or (job.rewrite == "auto" and decision == "needs"):
             lead = [self._letters[SERVE_ORDER.index("needs")], self._nl]
             question = self._llm.tokenize(one_line(job.question.text).encode("utf-8"), add_bos=False, special=False)
-            rewrite, copy_p = self._generate_line(job, lead, question, sources=(question, full))
+            # Kept to the chat's Chinese characters: a rewrite with any other is refused by validation anyway.
+            banned = self._foreign(allowed_cjk(job.question.text, [t.text for t in window]))
+            rewrite, copy_p = self._generate_line(job, lead, question, sources=(question, full), banned=banned)
         if self.decide_by == "rewrite":
             decision = "needs" if rewrite and adds_content(job.question.text, rewrite) else "not_needed"
             if copy_p is not None:  # the rewrite's own confidence; the letters' is noise where this mode wins
@@ -685,8 +712,9 @@ class LlamaBackend:
         return {SERVE_ORDER[i]: exps[i] / total for i in range(len(LETTERS))}
 
     def _generate_line(self, job: _Job, lead: Sequence[int], guess: Sequence[int] = (),
-                       sources: Sequence[Sequence[int]] = ()) -> tuple[str | None, float | None]:
-        """Greedy generation of one line (see :meth:`_pick`) after ``lead`` (the answer letter and a newline);
+                       sources: Sequence[Sequence[int]] = (), banned: Any = None) -> tuple[str | None, float | None]:
+        """Greedy generation of one line (see :meth:`_pick`) after ``lead`` (the answer letter and a newline),
+        never writing a token of ``banned`` (a boolean mask over the vocabulary; see :meth:`_foreign`);
         the line, and the probability that the model copies ``guess`` whole and ends the line there (None
         without a guess, or when deciding by the letter).
 
@@ -700,6 +728,9 @@ class LlamaBackend:
         A wrong draft costs a few positions of one batch, a right one saves a step per token. Whatever is
         drafted, the greedy choice at every position writes the line, so it is the one plain generation
         writes, up to llama.cpp's batched vs one-by-one arithmetic."""
+        first, inside = self._not_first, self._not_inside
+        if banned is not None:
+            first, inside = first | banned, [m | banned for m in inside]
         draft = list(guess[: self.max_rewrite_tokens])
         line_start = len(self._live) + len(lead)
         self._decode([*lead, *draft], job, logits_all=bool(draft))
@@ -712,7 +743,7 @@ class LlamaBackend:
         self.last_rewrite_steps = 0
         while len(line) < self.max_rewrite_tokens:
             self._check(job)
-            tok = self._pick(at, owed=owed if line else None)
+            tok = self._pick(at, inside[owed] if line else first)
             owed = self._owed_after(owed, tok)
             if draft and tok == draft[0]:  # already in the context, with its logits: no step
                 draft.pop(0)
@@ -739,17 +770,18 @@ class LlamaBackend:
         text = (b"".join(self._pieces[t] for t in line) + tail).decode("utf-8", errors="ignore").strip()
         return text[:MAX_REWRITE_CHARS] or None, copy_p
 
-    def _pick(self, at: int, *, owed: int | None) -> int:
-        """The greedy token at batch position ``at`` among those a one-line rewrite allows: valid UTF-8
-        going on from the ``owed`` continuation bytes (None: the line's first token), no control token, no
-        carriage return, a newline only as a token's last byte (it ends the line); the first token must write
+    def _pick(self, at: int, refused: Any) -> int:
+        """The greedy token at batch position ``at`` outside ``refused``, the mask of what a one-line rewrite
+        cannot hold there: :meth:`_init_line_masks` builds them for valid UTF-8 going on from the continuation
+        bytes the line owes (``_not_inside[owed]``), no control token, no carriage return, a newline only as
+        a token's last byte (it ends the line), and for the first token (``_not_first``), which must write
         something (no end, no leading newline). This is the rule the GBNF grammar ``[^\\r\\n]+ "\\n"?`` gave,
         as numpy masks: llama.cpp's grammar sampler spent ~28 ms a token on Qwen's 152k vocabulary (2 cores),
         more than a third of a rewrite's time."""
         import numpy as np
 
         row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at), shape=(self._n_vocab,))
-        return int(np.where(self._not_first if owed is None else self._not_inside[owed], -np.inf, row).argmax())
+        return int(np.where(refused, -np.inf, row).argmax())
 
     def _copy_probability(self, at: int, guess: Sequence[int]) -> float:
         """P(the line is ``guess`` and ends): the product of each guess token's probability and then a line

@@ -114,6 +114,13 @@ def adds_content(question_text: str, rewrite: str) -> bool:
     return any(u not in asked for u in _content_units(_norm(rewrite)))
 
 
+def allowed_cjk(question_text: str, window_texts: Sequence[str]) -> frozenset[str]:
+    """The Chinese characters a rewrite may hold: those of the chat (window and question) and the glue.
+    :func:`validate_rewrite` refuses a rewrite with any other; the served model is kept to these while it
+    writes, so a rewrite is not thrown away for one made-up character (「温州市」 where the chat says 「温州」)."""
+    return frozenset(_CJK_CHAR.findall(_norm("\n".join([*window_texts, question_text])))) | ZH_GLUE
+
+
 def _cover_cjk(run: str, window: str) -> str:
     """Greedily cover ``run`` with window substrings (length ≥ 2) and glue characters; the uncovered characters."""
     i, missing = 0, []
