@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from corefbot.bench.validate import accepted_another_window, accepted_own_window, gold_rewrites
-from corefbot.models.serve.validate import adds_content, looks_like_injection, validate_rewrite
+from corefbot.models.serve.validate import adds_content, allowed_cjk, looks_like_injection, validate_rewrite
 from tests.conftest import shared_data
 
 WINDOW_ZH = ["有人在 Jetson 上跑过 mmpose 吗？", "跑过，x86 上没问题", "显卡驱动装不上，一直报错"]
@@ -116,6 +116,26 @@ def test_gold_rewrites_against_another_window_are_refused(name: str, ceiling: fl
     # had: the stand-in for a hallucinated antecedent (on 4,000 pairs, 0.6% of REWRITE and 0.9% of CANARD
     # are accepted; 0.4% and 0.9% before validation learnt 「这本书」 and lone characters).
     assert accepted_another_window(gold_rewrites(shared_data(name), 800)) <= ceiling
+
+
+def test_the_served_mask_keeps_every_character_validation_accepts() -> None:
+    # The served line is kept to allowed_cjk's characters: a rewrite validation would accept must never need
+    # another one, and a gold holding one outside them is refused (a character of another conversation).
+    import re
+
+    from corefbot.pipeline.text import CJK
+
+    rows = gold_rewrites(shared_data("rewrite_zh_train.jsonl"), 800)
+    half = len(rows) // 2
+    outside = 0
+    for r, other in zip(rows, rows[half:] + rows[:half]):
+        for window in (r["context"], other["context"]):
+            chars = set(re.findall(f"[{CJK}]", r["rewrite"]))
+            kept = chars <= allowed_cjk(r["query"], window)
+            outside += not kept
+            if validate_rewrite(r["query"], r["rewrite"], window)[0]:
+                assert kept, (r["query"], r["rewrite"], window)
+    assert outside > half  # against another conversation's window most golds hold a character it lacks
 
 
 @pytest.mark.parametrize("question, rewrite, adds", [
