@@ -279,10 +279,8 @@ def test_a_rewrite_writes_no_token_with_a_chinese_character_the_chat_lacks(backe
     the tiny model, left alone, writes tokens with characters the chat never had; kept, it writes none
     and the line is still one line. (A character the vocabulary only holds as bytes split across tokens
     is not seen by the mask; validation still refuses it.)"""
-    import re
-
     from corefbot.models.serve.validate import allowed_cjk
-    from corefbot.pipeline.text import CJK
+    from corefbot.pipeline.text import HAS_CJK
 
     lead = [backend._letters[SERVE_ORDER.index("needs")], backend._nl]
     window = WINDOW[:2]
@@ -294,7 +292,7 @@ def test_a_rewrite_writes_no_token_with_a_chinese_character_the_chat_lacks(backe
         backend._decode(full, job)
         line = backend._generate_line(job, lead, banned=backend._foreign(allowed) if kept else None)[0]
         written = backend._live[len(full) + len(lead):]
-        chars = {c for t in written for c in re.findall(f"[{CJK}]", backend._pieces[t].decode("utf-8", errors="ignore"))}
+        chars = {c for t in written for c in HAS_CJK.findall(backend._pieces[t].decode("utf-8", errors="ignore"))}
         return chars - allowed, line
 
     free = [backend.call(lambda job, q=q: foreign_tokens(job, q, False), timeout_s=300) for q in QUESTIONS]
@@ -305,14 +303,12 @@ def test_a_rewrite_writes_no_token_with_a_chinese_character_the_chat_lacks(backe
 
 
 def test_foreign_tokens_are_those_with_a_chinese_character_outside_the_set(backend: LlamaBackend):
-    import re
-
-    from corefbot.pipeline.text import CJK
+    from corefbot.pipeline.text import HAS_CJK
 
     allowed = frozenset("部署手机上吗")
     banned = backend._foreign(allowed)
     for t, piece in enumerate(backend._pieces):
-        chars = set(re.findall(f"[{CJK}]", piece.decode("utf-8", errors="ignore")))
+        chars = set(HAS_CJK.findall(piece.decode("utf-8", errors="ignore")))
         assert bool(banned[t]) == bool(chars - allowed), (t, piece)
     assert banned.any() and not banned.all()
 

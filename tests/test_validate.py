@@ -121,16 +121,14 @@ def test_gold_rewrites_against_another_window_are_refused(name: str, ceiling: fl
 def test_the_served_mask_keeps_every_character_validation_accepts() -> None:
     # The served line is kept to allowed_cjk's characters: a rewrite validation would accept must never need
     # another one. Against another conversation's window most golds do hold one (the mask has work to do).
-    import re
-
-    from corefbot.pipeline.text import CJK
+    from corefbot.pipeline.text import HAS_CJK
 
     rows = gold_rewrites(shared_data("rewrite_zh_train.jsonl"), 800)
     half = len(rows) // 2
     outside = 0
     for r, other in zip(rows, rows[half:] + rows[:half]):
+        chars = set(HAS_CJK.findall(r["rewrite"]))
         for window in (r["context"], other["context"]):
-            chars = set(re.findall(f"[{CJK}]", r["rewrite"]))
             kept = chars <= allowed_cjk(r["query"], window)
             outside += not kept
             if validate_rewrite(r["query"], r["rewrite"], window)[0]:
