@@ -185,6 +185,44 @@ def test_response_only_loss_equals_the_full_head_loss(tiny_hf: Path) -> None:
     assert float(weighted) == pytest.approx(float(per_token.sum()) + 4 * letters, rel=1e-4)
 
 
+def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_hf: Path) -> None:
+    """Running the tokens every row opens with once for the batch (training's default) changes neither the
+    loss nor the LoRA gradients; rows of different lengths, so padding and positions are exercised."""
+    import torch
+
+    from corefbot.models.train.evaluate import pad, shared_prefix
+    from corefbot.models.train.finetune import _response_loss_module, setup
+
+    session = setup(tiny_hf, load_preset("tiny", lora_layers=1))
+    enc, _ = encode_examples(chat_examples(4), session.tokenizer)
+    seqs = [e.ids for e in enc]
+    assert len({len(s) for s in seqs}) > 1
+    ids, mask = pad(seqs, 0, "cpu")
+    weights = torch.zeros_like(ids, dtype=torch.float32)
+    for r, e in enumerate(enc):
+        weights[r, e.n_prompt: len(e.ids)] = 1.0
+        weights[r, e.n_prompt] = 8.0
+    shared = shared_prefix(seqs, min(e.n_prompt for e in enc) - 1)
+    assert shared > 10  # the system text and the header
+    loss = _response_loss_module(session.model).train()
+    trained = [p for p in session.model.parameters() if p.requires_grad]
+
+    def run(n: int) -> tuple[float, list[torch.Tensor]]:
+        session.model.zero_grad(set_to_none=True)
+        value = loss(ids, mask, weights, n)
+        value.backward()
+        return float(value.detach()), [p.grad.clone() for p in trained]
+
+    plain, plain_grads = run(0)
+    once, once_grads = run(shared)
+    assert once == pytest.approx(plain, rel=1e-5)
+    assert any(float(g.abs().max()) > 0 for g in plain_grads)
+    for a, b in zip(plain_grads, once_grads):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+    # One token further would put a loss position inside the shared part: the rows then differ there.
+    assert shared_prefix(seqs, len(min(seqs, key=len))) <= min(e.n_prompt for e in enc)
+
+
 @pytest.mark.slow
 def test_fit_learns_and_loraplus_runs(tiny_hf: Path) -> None:
     from corefbot.models.train.finetune import fit, setup

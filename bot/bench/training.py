@@ -53,7 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--trainers", default="ours,trainer,trainer-grouped",
-                        help="comma list of: ours, ours-ungrouped, trainer, trainer-grouped")
+                        help="comma list of: ours, ours-ungrouped, ours-unshared (each sequence computes its own "
+                             "copy of the prompt's common opening), trainer, trainer-grouped")
+    parser.add_argument("--preset", default="paper",
+                        help="finetune preset for every trainer (default paper; seed-cpu: the CPU seed recipe; the Trainer "
+                             "baselines put LoRA on every layer whatever the preset says)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of all trainers, interleaved; best and per-round ratios reported (default 1)")
     parser.add_argument("--device", default="auto")
@@ -65,9 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace):
     from corefbot.models.train.finetune import load_preset
 
-    return load_preset("paper", max_steps=args.steps, micro_batch_size=args.micro_batch_size,
+    return load_preset(args.preset, max_steps=args.steps, micro_batch_size=args.micro_batch_size,
                        gradient_accumulation_steps=args.grad_accum, device=args.device,
-                       group_by_length=args.worker != "ours-ungrouped")
+                       group_by_length=args.worker != "ours-ungrouped", share_prefix=args.worker != "ours-unshared")
 
 
 def _worker(args: argparse.Namespace) -> dict:
@@ -79,10 +83,11 @@ def _worker(args: argparse.Namespace) -> dict:
 
     config = _config(args)
     examples = load_examples(args.data)
-    if args.worker in ("ours", "ours-ungrouped"):
+    if args.worker in ("ours", "ours-ungrouped", "ours-unshared"):
         session = setup(args.base, config)
         _materialize(session.model)
-        data, _ = encode_examples(examples, session.tokenizer, seed=config.seed, sequence_len=config.sequence_len)
+        data, _ = encode_examples(examples, session.tokenizer, seed=config.seed, sequence_len=config.sequence_len,
+                                  copy_unneeded=config.copy_unneeded, option_orders=config.option_orders)
         r = fit(session, data, progress=False)
         out = {"tokens": r.tokens, "padded_tokens": r.padded_tokens, "wall_s": r.wall_s,
                "final_loss": r.losses[-1].loss, "sequences": r.sequences, "device": session.device}
@@ -126,7 +131,8 @@ def _trainer_baseline(args: argparse.Namespace, config, examples, *, grouped: bo
     model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                              lora_dropout=config.lora_dropout, target_modules="all-linear",
                                              bias="none", task_type="CAUSAL_LM"))
-    data, _ = encode_examples(examples, tokenizer, seed=config.seed, sequence_len=config.sequence_len)
+    data, _ = encode_examples(examples, tokenizer, seed=config.seed, sequence_len=config.sequence_len,
+                              copy_unneeded=config.copy_unneeded, option_orders=config.option_orders)
     rows = [{"input_ids": list(d.ids), "attention_mask": [1] * len(d.ids),
              "labels": [-100] * d.n_prompt + list(d.ids[d.n_prompt:])} for d in data]
     batches: list[tuple[int, int, int]] = []  # (tokens, padded, sequences) per collated batch
@@ -184,8 +190,10 @@ def run(args: argparse.Namespace) -> int:
                 pass
     figures: dict = {"base": base, "parameters": count_parameters(base), "data": data, "steps": args.steps,
                      "micro_batch_size": args.micro_batch_size, "grad_accum": args.grad_accum, "trainers": {}}
+    config = _config(args)
     print(f"model {base} ({figures['parameters']:,} parameters), {args.steps} steps x "
-          f"{args.micro_batch_size} x {args.grad_accum} sequences, LoRA r 64 on all linear layers")
+          f"{args.micro_batch_size} x {args.grad_accum} sequences, preset {args.preset}: LoRA r {config.lora_r} "
+          f"on {config.lora_layers or 'all'} layers")
     rounds: list[dict] = []
     for rnd in range(args.repeat):
         results: dict = {}
@@ -193,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
             result = work / f"{name}-{rnd}.json"
             cmd = [sys.executable, "-m", "corefbot.cli", "bench", "training", "--worker", name, "--base", base,
                    "--data", data, "--steps", str(args.steps), "--micro-batch-size", str(args.micro_batch_size),
-                   "--grad-accum", str(args.grad_accum), "--device", args.device, "--result", str(result)]
+                   "--grad-accum", str(args.grad_accum), "--device", args.device, "--preset", args.preset,
+                   "--result", str(result)]
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             if proc.returncode != 0:
@@ -218,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     for name, r in t.items():
         print(f"  {name:<16} {r['tokens_per_s']:>9,.0f} tokens/s, peak memory {r['peak_memory_bytes_max'] / 2**20:,.0f} MiB")
     if "ours" in t:
-        for ref in ("trainer", "trainer-grouped"):
+        for ref in ("trainer", "trainer-grouped", "ours-unshared"):
             if ref in t:
                 per_round = sorted(r["ours"]["tokens_per_s"] / r[ref]["tokens_per_s"] for r in rounds)
                 figures[f"speedup_vs_{ref}"] = t["ours"]["tokens_per_s"] / t[ref]["tokens_per_s"]

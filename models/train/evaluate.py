@@ -97,6 +97,16 @@ def decoder_and_head(model: Any) -> tuple[Any, Any]:
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
+def shared_prefix(seqs: Sequence[Sequence[int]], limit: int) -> int:
+    """How many leading tokens all ``seqs`` have in common, at most ``limit``: the part a batch can
+    compute once and share (every prompt opens with the same system text and header)."""
+    first = seqs[0]
+    for k in range(max(0, limit)):
+        if any(s[k] != first[k] for s in seqs):
+            return k
+    return max(0, limit)
+
+
 def encode(tokenizer: Any, prompt_text: str, response: str | None = None) -> tuple[list[int], int]:
     """Token ids of a prompt (and response), and how many of them belong to the prompt.
 
@@ -197,11 +207,7 @@ def shared_prefix_logprobs(model: Any, tokenizer: Any, groups: Sequence[Sequence
     with torch.inference_mode():
         for group in tqdm(groups, desc="scoring", unit="example", disable=not progress, leave=False):
             encoded = [encode(tokenizer, p.chatml())[0] for p in group]
-            n = min(len(e) for e in encoded) - 1  # every member keeps at least one token of its own
-            for k in range(n):
-                if any(e[k] != encoded[0][k] for e in encoded):
-                    n = k
-                    break
+            n = shared_prefix(encoded, min(len(e) for e in encoded) - 1)  # each keeps a token of its own
             prefix = torch.tensor([encoded[0][:n]], device=device)
             cache = body(input_ids=prefix, use_cache=True).past_key_values if n else None
             if cache is not None:
