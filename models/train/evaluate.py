@@ -100,11 +100,11 @@ def decoder_and_head(model: Any) -> tuple[Any, Any]:
 def shared_prefix(seqs: Sequence[Sequence[int]], limit: int) -> int:
     """How many leading tokens all ``seqs`` have in common, at most ``limit``: the part a batch can
     compute once and share (every prompt opens with the same system text and header)."""
-    first = seqs[0]
-    for k in range(max(0, limit)):
+    first, limit = seqs[0], max(0, limit)
+    for k in range(limit):
         if any(s[k] != first[k] for s in seqs):
             return k
-    return max(0, limit)
+    return limit
 
 
 def encode(tokenizer: Any, prompt_text: str, response: str | None = None) -> tuple[list[int], int]:

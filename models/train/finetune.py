@@ -76,7 +76,7 @@ class FinetuneConfig:
     group_by_length: bool = True
     gradient_checkpointing: bool = False
     # Compute the tokens every sequence of a micro-batch opens with (the system text and the header, about
-    # 90 of a REWRITE example's ~145) once and share their keys and values across the batch, instead of
+    # 90 of a seed example's ~150) once and share their keys and values across the batch, instead of
     # once per sequence. The loss and its gradients are the same (up to float rounding; LoRA dropout then
     # draws one mask for the shared part). Not with gradient checkpointing, which turns the cache off.
     share_prefix: bool = True
