@@ -87,6 +87,19 @@ def test_a_rewrite_that_only_loses_words_is_rejected(question: str, rewrite: str
     assert validate_rewrite("那 mmpose 呢？", "mmpose 呢？", WINDOW_ZH)[0]
 
 
+@pytest.mark.parametrize("question, rewrite, word", [
+    # a real model's line on a held-out topic: the question became a statement
+    ("为啥不接受", "SQLite 的作者 D. Richard Hipp 不接受外部贡献代码", "啥"),
+    ("how do I install it on TX2?", "I install mmpose on TX2.", "how"),
+])
+def test_a_rewrite_that_no_longer_asks_is_rejected(question: str, rewrite: str, word: str) -> None:
+    window = ["SQLite 的作者 D. Richard Hipp 不接受外部贡献代码", *WINDOW_EN]
+    ok, reason = validate_rewrite(question, rewrite, window)
+    assert not ok and f"{word!r} is gone" in reason
+    # another question word is enough
+    assert validate_rewrite("为啥不接受", "SQLite 为什么不接受外部贡献代码", window)[0]
+
+
 def test_shape_checks() -> None:
     assert validate_rewrite("it?", "", WINDOW_EN) == (False, "empty rewrite")
     assert not validate_rewrite("it?", "mmpose?\nsecond line", WINDOW_EN)[0]

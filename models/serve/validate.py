@@ -65,6 +65,10 @@ _INJECTION = [
     re.compile(r"<\|im_(start|end)\|>|<\|endoftext\|>"),
 ]
 
+# Question words. A rewrite that keeps none of them forwards a statement: 「为啥不接受」 was written 「SQLite 的作者
+# D. Richard Hipp 不接受外部贡献代码」. Any one survives is enough (「为啥」 may become 「为什么」, "what" "which").
+_ASKS = re.compile(r"谁|哪|啥|什么|几|多少|怎|咋|为何|如何|吗|是否|\b(?:what|which|who|whom|whose|when|where|why|how)\b")
+
 MAX_EXTRA_CHARS = 160  # a rewrite may add at most this much beyond the question (CANARD's longest golds are near it)
 
 
@@ -152,6 +156,10 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
         return False, "the rewrite reads as an instruction to the model"
     if len(r) > len(q) + MAX_EXTRA_CHARS:
         return False, f"rewrite adds {len(r) - len(q)} characters (limit {MAX_EXTRA_CHARS})"
+
+    asked = _ASKS.search(q)
+    if asked and not _ASKS.search(r):
+        return False, f"rewrite no longer asks (the question's {asked.group()!r} is gone)"
 
     # Content kept: most of the question's content units survive (typos fixed and inflections changed
     # by a rewrite are why this is a fraction and not all).
