@@ -280,6 +280,34 @@ def test_training_continues_from_a_saved_adapter(tiny_hf: Path, tmp_path: Path) 
         setup(tiny_hf, config.replace(init_adapter=str(tmp_path)))
 
 
+def test_a_further_sitting_can_add_layers(tiny_hf: Path, tmp_path: Path) -> None:
+    """An adapter on the top layer continues on every layer: the same function at the start (the added
+    layers' LoRA starts at zero), more trainable weights, and it trains; dropping a layer is refused."""
+    from corefbot.models.train.evaluate import response_losses
+    from corefbot.models.train.finetune import fit, setup
+
+    exs = chat_examples(8)
+    top = setup(tiny_hf, load_preset("tiny", learning_rate=1e-2, max_steps=3, lora_layers=1))
+    data, _ = encode_examples(exs, top.tokenizer)
+    items = [(d.ids, d.n_prompt) for d in data]
+    fit(top, data, progress=False)
+    top.model.save_pretrained(tmp_path / "run" / "adapter")
+    stopped = response_losses(top.model, top.tokenizer, items)
+
+    config = load_preset("tiny", learning_rate=1e-2, max_steps=3, lora_layers=2, init_adapter=str(tmp_path / "run"))
+    wide = setup(tiny_hf, config)
+    assert response_losses(wide.model, wide.tokenizer, items) == pytest.approx(stopped, rel=1e-4)
+    assert wide.trainable == 2 * top.trainable
+    fit(wide, data, progress=False)
+    assert sum(response_losses(wide.model, wide.tokenizer, items)) < sum(stopped)
+    bottom = wide.model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert bottom.abs().sum() > 0  # the added layer learned too
+
+    wide.model.save_pretrained(tmp_path / "wide" / "adapter")
+    with pytest.raises(ValueError, match=r"layers \[0, 1\].*asks for .*layers \[1\]"):
+        setup(tiny_hf, config.replace(lora_layers=1, init_adapter=str(tmp_path / "wide")))
+
+
 @pytest.mark.slow
 def test_run_writes_a_self_describing_folder(tiny_hf: Path, tmp_path: Path) -> None:
     from corefbot.models.train.run import read_run, run, run_split

@@ -255,11 +255,11 @@ def setup(base: str | Path, config: FinetuneConfig) -> Session:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     layers = None
+    n_all = int(model.config.num_hidden_layers)
     if config.lora_layers:
-        n_layers = int(model.config.num_hidden_layers)
-        if not 0 < config.lora_layers <= n_layers:
-            raise ValueError(f"lora_layers must be between 1 and {n_layers} for {base}, got {config.lora_layers}")
-        layers = list(range(n_layers - config.lora_layers, n_layers))
+        if not 0 < config.lora_layers <= n_all:
+            raise ValueError(f"lora_layers must be between 1 and {n_all} for {base}, got {config.lora_layers}")
+        layers = list(range(n_all - config.lora_layers, n_all))
     targets: str | list[str] = (list(config.target_modules) if isinstance(config.target_modules, tuple)
                                 else config.target_modules)
     if layers is not None and targets == "all-linear":
@@ -278,11 +278,26 @@ def setup(base: str | Path, config: FinetuneConfig) -> Session:
         folder = adapter_folder(config.init_adapter)
         saved = json.loads((folder / "adapter_config.json").read_text())
         have = (saved.get("r"), saved.get("lora_alpha"), saved.get("layers_to_transform"))
-        if have != (config.lora_r, config.lora_alpha, layers):
+        widens = have[2] is not None and have[2] != layers and set(have[2]) <= set(layers or range(n_all))
+        if have[:2] != (config.lora_r, config.lora_alpha) or (have[2] != layers and not widens):
             raise ValueError(f"{folder}: the adapter has r {have[0]}, alpha {have[1]}, layers {have[2]}; the "
                              f"{config.preset} config asks for r {config.lora_r}, alpha {config.lora_alpha}, "
-                             f"layers {layers}: continue it with the preset it was trained with")
-        model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+                             f"layers {layers}: continue it with the preset it was trained with (or one "
+                             "that adds layers)")
+        if widens:
+            # More layers than the saved adapter: its weights where it has them, fresh LoRA (B = 0, so the
+            # same function at the start) on the layers it adds.
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            model = get_peft_model(model, lora)
+            loaded = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+            if loaded.unexpected_keys:
+                raise ValueError(f"{folder}: {len(loaded.unexpected_keys)} adapter weights match no module of the "
+                                 f"new adapter (e.g. {loaded.unexpected_keys[0]})")
+            log.info("widened %s from layers %s to %s", folder, have[2], layers or "all")
+        else:
+            model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     else:
         model = get_peft_model(model, lora)
     model.to(accelerator.device)
