@@ -87,7 +87,8 @@ def test_seed_from_a_gguf_base_ends_servable_with_figures_as_served(tiny_gguf: P
         (data / name).write_text(rows.replace('"source": "t"', f'"source": "s{i}"'))  # ids unique across sets
     run = tmp_path / "seed"
     assert main(["seed", "--base", str(tiny_gguf), "--out", str(run), "--data-dir", str(data), "--preset", "tiny",
-                 "--max-steps", "2", "--per-set", "3", "--decide-examples", "6", "--threads", "2"]) == 0
+                 "--max-steps", "2", "--per-set", "3", "--decide-examples", "6", "--threads", "2",
+                 "--lora-layers", "1"]) == 0
 
     assert (run / "adapter.gguf").is_file()
     decide = json.loads((run / "decide.json").read_text())
@@ -100,10 +101,14 @@ def test_seed_from_a_gguf_base_ends_servable_with_figures_as_served(tiny_gguf: P
         d = s["decision"]
         assert s["decide_by"] == decide["decide_by"] and d["tp"] + d["fp"] + d["fn"] + d["tn"] == 3
 
-    # A further sitting is one command too: fresh training pairs, the same held-out part, this adapter continued.
+    # A further sitting is one command too: fresh training pairs, the same held-out part, this adapter continued
+    # (here on both layers: the first sitting's top layer widened).
     again = tmp_path / "seed2"
     assert main(["seed", "--base", str(tiny_gguf), "--out", str(again), "--data-dir", str(data), "--preset", "tiny",
-                 "--max-steps", "1", "--sample", "1", "--init-adapter", str(run), "--lr", "1e-4", "--no-figures"]) == 0
+                 "--max-steps", "1", "--sample", "1", "--init-adapter", str(run), "--lr", "1e-4", "--no-figures",
+                 "--lora-layers", "2"]) == 0
     config = yaml.safe_load((again / "config.yaml").read_text())
     assert config["init_adapter"] == str(run.resolve()) and config["learning_rate"] == 1e-4
+    adapter = json.loads((again / "adapter" / "adapter_config.json").read_text())
+    assert config["lora_layers"] == 2 and adapter["layers_to_transform"] == [0, 1]
     assert (again / "seed-data" / "heldout-task.jsonl").read_text() == (run / "seed-data" / "heldout-task.jsonl").read_text()

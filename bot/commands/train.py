@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decision-weight", dest="decision_weight", type=float,
                    help="how many times the decision letter counts in the loss (default: the preset's)")
     p.add_argument("--init-adapter", metavar="RUN_DIR",
-                   help="continue training this run's adapter (its r, alpha and layers) instead of a fresh one")
+                   help="continue training this run's adapter (its r and alpha; its layers or more) instead of a fresh one")
     p.add_argument("--copy-unneeded", dest="copy_unneeded", action="store_true", default=None,
                    help="also train the question itself as the rewrite of each question that needs nothing "
                         "(what deciding by the rewrite reads)")
@@ -149,6 +149,9 @@ def _option_orders_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option-orders", choices=["balanced", "serve"],
                    help="option order of the training prompts: balanced over the letters, or the serving order "
                         "only (default: the preset's)")
+    p.add_argument("--lora-layers", type=int, metavar="N",
+                   help="LoRA on the top N decoder layers (default: the preset's; with --init-adapter, more layers "
+                        "than the adapter had widen it)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -156,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from corefbot.models.train.run import run
 
     overrides = {k: getattr(args, k) for k in (
-        "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "decision_weight", "init_adapter", "copy_unneeded", "option_orders", "loraplus_lr_ratio", "micro_batch_size",
+        "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "decision_weight", "init_adapter", "copy_unneeded", "option_orders", "lora_layers", "loraplus_lr_ratio", "micro_batch_size",
         "gradient_accumulation_steps", "eval_max_examples", "eval_base", "eval_rewrites", "device", "seed")}
     config = load_preset(args.preset, **overrides)
     result = run(args.base, args.data, args.out, config, select=args.select, keep=args.keep)
@@ -214,7 +217,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
         return 0
     config = load_preset(args.preset, max_minutes=args.max_minutes, max_steps=args.max_steps, device=args.device,
                          init_adapter=args.init_adapter, learning_rate=args.learning_rate,
-                         option_orders=args.option_orders)
+                         option_orders=args.option_orders, lora_layers=args.lora_layers)
     result = run(args.base, [data.train], out, config)
     tr = result.metrics["train"]
     print(f"trained      {tr['steps']} steps ({tr['planned_steps']} planned{', stopped on the budget' if tr['stopped_on_budget'] else ''}), "
