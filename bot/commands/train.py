@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also train the question itself as the rewrite of each question that needs nothing "
                         "(what deciding by the rewrite reads)")
     _option_orders_option(p)
+    _lora_layers_option(p)
     p.add_argument("--loraplus-ratio", dest="loraplus_lr_ratio", type=float, help="LoRA+: B-matrix lr multiple (e.g. 16)")
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=int)
@@ -71,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", dest="learning_rate", type=float,
                    help="peak learning rate (default: the preset's; the README's further sittings used half)")
     _option_orders_option(p)
+    _lora_layers_option(p)
     p.add_argument("--decide-examples", type=int, default=40,
                    help="from a GGUF base: test questions on which export-lora checks the adapter against the HF "
                         "model and picks the decide mode (default 40)")
@@ -149,6 +151,9 @@ def _option_orders_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option-orders", choices=["balanced", "serve"],
                    help="option order of the training prompts: balanced over the letters, or the serving order "
                         "only (default: the preset's)")
+
+
+def _lora_layers_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-layers", type=int, metavar="N",
                    help="LoRA on the top N decoder layers (default: the preset's; with --init-adapter, more layers "
                         "than the adapter had widen it)")
