@@ -112,6 +112,17 @@ def test_llama_cpp_eval_on_the_tiny_model(tmp_path: Path, tiny_gguf: Path) -> No
     check_shape(report, 6)
     assert report["errors"] == 0
     assert report["gate"]["sent_rate"] == 1.0  # --no-gate
+    assert report["decide_by"] == "letter"  # auto, on a bare GGUF
+
+
+@pytest.mark.slow
+def test_llama_cpp_eval_decides_as_the_bot_is_configured(tmp_path: Path, tiny_gguf: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`corefbot eval` measured "auto" while COREFBOT_DECIDE_BY told the bot to decide otherwise."""
+    args = ("--backend", "llama-cpp", "--model", str(tiny_gguf), "--threads", "2", "--no-gate", "--limit", "2", str(ZH))
+    monkeypatch.setenv("COREFBOT_DECIDE_BY", "rewrite")
+    assert run_eval(tmp_path, *args)["decide_by"] == "rewrite"
+    assert run_eval(tmp_path, *args, "--decide-by", "letter")["decide_by"] == "letter"  # the option wins
 
 
 def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import get_args
+
+from corefbot.models.serve.types import DecideSetting
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="only the first N rows (after --split)")
     p.add_argument("--no-gate", action="store_true", help="llama-cpp/http: send every question to the model")
     p.add_argument("--threads", type=int, help="llama.cpp threads (default COREFBOT_RESOLVER_THREADS)")
+    p.add_argument("--decide-by", choices=get_args(DecideSetting),
+                   help="how llama-cpp decides (default COREFBOT_DECIDE_BY, else auto: a run folder's measured mode)")
     p.add_argument("--report", metavar="OUT.json", help="write the full report as JSON")
     p.set_defaults(func=run)
 
@@ -38,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(examples, args.backend, gate=not args.no_gate, model_path=model,
                       url=args.url or cfg.corefbot_resolver_url, http_model=args.http_model or cfg.corefbot_resolver_model,
                       api_key=args.api_key or cfg.corefbot_resolver_key, n_threads=args.threads or cfg.corefbot_resolver_threads,
-                      gate_path=args.gate or cfg.corefbot_gate_path)
+                      gate_path=args.gate or cfg.corefbot_gate_path, decide_by=args.decide_by or cfg.corefbot_decide_by)
     report["data"] = str(args.data)
     report["split"] = args.split
     for line in summary_lines(report):

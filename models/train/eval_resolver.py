@@ -179,6 +179,10 @@ def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = 
         close()
     report = score(examples, outcomes)
     report["backend"] = backend
+    if backend == "llama-cpp":
+        from corefbot.models.serve.llama import served_model
+
+        report["decide_by"] = served_model(model_path).decide_mode(decide_by)  # what "auto" resolved to
     report["labels"] = dict(Counter(e.label for e in examples))
     return report
 
@@ -203,7 +207,9 @@ def load_for_eval(path: str | Path, split: str | None = None) -> list[Example]:
 def summary_lines(report: dict[str, Any]) -> list[str]:
     d, r, g, lat = report["decision"], report["rewrite"], report["gate"], report["latency_ms"]
     lines = [
-        f"backend {report['backend']}  n {report['n']}  labels {report.get('labels', {})}",
+        f"backend {report['backend']}"
+        + (f" (decided by the {report['decide_by']})" if "decide_by" in report else "")
+        + f"  n {report['n']}  labels {report.get('labels', {})}",
         f"decision  P {d['precision']:.3f}  R {d['recall']:.3f}  F1 {d['f1']:.3f}  MCC {d['mcc']:.3f}  "
         f"tp {d['tp']} fp {d['fp']} fn {d['fn']} tn {d['tn']}  unknown {d['unknown']}",
         f"rewrite   EM {r['exact_match']:.3f}  token F1 {r['token_f1']:.3f}  (as asked {r['as_asked_token_f1']:.3f}, "

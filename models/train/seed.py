@@ -244,12 +244,11 @@ def _served(model: str | Path, examples: list[Example], n_threads: int | None,
             decide_by: "DecideSetting" = "auto") -> dict[str, Any]:
     """The bot's resolver with its default settings (deciding as ``decide_by`` says) over ``examples``: what a
     group member would see."""
-    from corefbot.models.serve.llama import served_model
     from corefbot.models.train.eval_resolver import evaluate as eval_backend
 
     report = eval_backend(examples, "llama-cpp", model_path=str(model), n_threads=n_threads, progress=False,
                           decide_by=decide_by)
-    return {"decide_by": served_model(model).decide_mode(decide_by), "decision": report["decision"],
+    return {"decide_by": report["decide_by"], "decision": report["decision"],
             "rewrite": report["rewrite"], "gate": report["gate"], "latency_ms": report["latency_ms"],
             "mistakes": report["mistakes"], "rewrite_misses": report["rewrite_misses"]}
 
