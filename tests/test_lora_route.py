@@ -96,7 +96,11 @@ def test_a_run_folder_decides_as_measured(gguf_run: Path) -> None:
         export_lora(gguf_run, max_examples=12)
     measured = json.loads(path.read_text())
     assert measured["route"] == "adapter" and measured["examples"] >= 8  # the test split, up to 12
-    assert measured["decide_by"] == ("rewrite" if measured["rewrite"]["mcc"] > measured["letter"]["mcc"] else "letter")
+    # The rewrite is served only where it decides better and not by chance (McNemar on the disagreements).
+    p = measured["mcnemar"]["p"]
+    assert 0 < p <= 1
+    assert measured["decide_by"] == ("rewrite" if measured["rewrite"]["mcc"] > measured["letter"]["mcc"] and p < 0.05
+                                     else "letter")
     assert served_model(gguf_run).decide_by == measured["decide_by"]
     # A cut on p(needs) is kept only where it beat the likeliest letter out of sample.
     cut = measured["letter_threshold"]

@@ -332,3 +332,12 @@ def test_best_mcc_threshold_reaches_low_scores_and_stays_near_half_on_ties() -> 
     # cannot choose its own cut.
     loo = leave_one_out_cuts([(0.9, True), (0.8, True), (0.01, True), (0.001, False), (0.002, False)])
     assert loo == [True, True, False, False, False]
+
+
+def test_mcnemar_p_is_exact_symmetric_and_one_without_disagreements() -> None:
+    from corefbot.pipeline.metrics import mcnemar_p
+
+    assert mcnemar_p(4, 2) == pytest.approx(2 * (1 + 6 + 15) / 64)  # seedrw7's letters vs rewrite, roughly
+    assert mcnemar_p(2, 4) == mcnemar_p(4, 2)
+    assert mcnemar_p(10, 0) == pytest.approx(2 / 1024)  # ten to none: not chance
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0

@@ -325,8 +325,10 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
         cut = d.get("letter_threshold")
         letters = (f"letters {d['letter_argmax']['mcc']:.3f}, with needs at p >= {cut:.3g} {d['letter']['mcc']:.3f} "
                    "(leave-one-out)" if cut is not None else f"letters {d['letter']['mcc']:.3f}")
+        m = d["mcnemar"]
         print(f"decide by    the {d['decide_by']} (served order, {d['examples']} test questions: Matthews {letters}, "
-              f"rewrite {d['rewrite']['mcc']:.3f}; COREFBOT_DECIDE_BY=auto serves it)")
+              f"rewrite {d['rewrite']['mcc']:.3f}; only the rewrite right on {m['only_rewrite_right']}, only the "
+              f"letter on {m['only_letter_right']}, McNemar p {m['p']:.2g}; COREFBOT_DECIDE_BY=auto serves it)")
     return 0
 
 

@@ -20,8 +20,8 @@ BACKENDS: tuple[BackendName, ...] = ("rules", "llama-cpp", "http")
 #: queues by) follow the mode: the letters', or in rewrite mode the probability that the model copies the question
 #: as it is ("not_needed") and the rest ("needs").
 DecideBy = Literal["letter", "rewrite"]
-#: "auto": the mode measured better for a run folder (its ``decide.json``, written by ``corefbot export-lora``
-#: and the nightly job); "letter" for a bare GGUF or a run folder without the measurement.
+#: "auto": the mode a run folder's ``decide.json`` names (written by ``corefbot export-lora`` and the nightly job:
+#: the letters unless the rewrite is clearly better); "letter" for a bare GGUF or a run folder without it.
 DecideSetting = Literal["auto", "letter", "rewrite"]
 
 

@@ -111,8 +111,9 @@ class ResolverSettings(BaseModel):
     corefbot_decide_by: DecideSetting = Field(
         "auto", description="how `llama-cpp` decides: `letter` (the option letters, the paper's way), `rewrite` "
                             "(needs resolution when the model's rewrite adds a word the question lacks) or `auto` (the "
-                            "mode measured better on a run folder's test split by `corefbot export-lora` and the "
-                            "nightly job, its `decide.json`; `letter` for a bare GGUF). See README \"Real Qwen\"")
+                            "mode a run folder's `decide.json` names, measured on its test split by `corefbot "
+                            "export-lora` and the nightly job: the letters unless the rewrite is clearly better; "
+                            "`letter` for a bare GGUF). See README \"Real Qwen\"")
     corefbot_gate_path: Path | None = Field(None, description="a retrained gate; unset: the shipped one")
     corefbot_resolve_all: bool = Field(
         True, description="also resolve and record questions the bot will not answer (they feed the label queue)")
