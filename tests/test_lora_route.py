@@ -81,20 +81,22 @@ def test_adapter_in_llama_cpp_decides_like_the_hf_model(gguf_run: Path) -> None:
     assert (gguf_run / "export-lora.json").is_file()
 
 
-def test_a_run_folder_decides_as_measured(gguf_run: Path) -> None:
+def test_a_run_folder_decides_as_measured(gguf_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """export-lora measures both decide modes of the served pair on the test split and writes the better to
     decide.json; COREFBOT_DECIDE_BY=auto (the backend's default) serves it, an explicit mode overrides it,
     and a measurement of another route or an unreadable file leaves the letters."""
     import json
 
+    from corefbot.cli import main
     from corefbot.models.serve.llama import LlamaBackend, served_model
-    from corefbot.models.ship.lora import export_lora
     from corefbot.pipeline.records import Turn
 
     path = gguf_run / "decide.json"
-    if not path.is_file():
-        export_lora(gguf_run, max_examples=12)
+    assert main(["export-lora", str(gguf_run), "--max-examples", "12", "--threads", "2"]) == 0
     measured = json.loads(path.read_text())
+    printed = capsys.readouterr().out
+    assert f"decide by    the {measured['decide_by']} (" in printed
+    assert f"McNemar p {measured['mcnemar']['p']:.2g}" in printed
     assert measured["route"] == "adapter" and measured["examples"] >= 8  # the test split, up to 12
     # The rewrite is served only where it decides better and not by chance (McNemar on the disagreements).
     p = measured["mcnemar"]["p"]
