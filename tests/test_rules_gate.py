@@ -337,7 +337,7 @@ def test_best_mcc_threshold_reaches_low_scores_and_stays_near_half_on_ties() -> 
 def test_mcnemar_p_is_exact_symmetric_and_one_without_disagreements() -> None:
     from corefbot.pipeline.metrics import mcnemar_p
 
-    assert mcnemar_p(4, 2) == pytest.approx(2 * (1 + 6 + 15) / 64)  # seedrw7's letters vs rewrite, roughly
+    assert mcnemar_p(4, 2) == pytest.approx(2 * (1 + 6 + 15) / 64)  # seedrw7: 4 questions only the rewrite got right, 2 only the letter
     assert mcnemar_p(2, 4) == mcnemar_p(4, 2)
     assert mcnemar_p(10, 0) == pytest.approx(2 / 1024)  # ten to none: not chance
     assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
