@@ -184,3 +184,32 @@ def test_a_run_folder_in_a_llama_ladder_is_measured_as_served(gguf_run: Path, ti
     base, tuned = report.rows
     assert (base.kind, base.path, tuned.kind, tuned.base) == ("base", str(tiny_gguf), "fine-tuned", tiny_gguf.name)
     assert tuned.improvement["f1"] == pytest.approx(tuned.stats["f1"].mean - base.stats["f1"].mean)
+
+
+def test_an_averaged_run_serves_like_its_runs(gguf_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`corefbot average` of a run with itself is that run again, through the whole route: the new folder
+    converts with export-lora and llama.cpp decides every test question with the same probabilities."""
+    from corefbot.cli import main
+    from corefbot.models.serve.llama import LlamaBackend
+    from corefbot.models.ship.lora import export_lora
+    from corefbot.models.train.finetune import subset
+    from corefbot.models.train.run import run_split
+
+    out = tmp_path / "avg"
+    assert main(["average", str(gguf_run), str(gguf_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"averaged     2 runs into {out} (cut from rank" in printed and f"export-lora {out}" in printed
+    assert main(["average", str(gguf_run), str(gguf_run), "--out", str(out)]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+    if not (gguf_run / "adapter.gguf").is_file():
+        export_lora(gguf_run, max_examples=0)
+    _, agreement = export_lora(out, max_examples=8)
+    assert agreement is not None and agreement.agreement >= 0.75
+    split, _ = run_split(out)  # the last run's split, still matching its data
+    questions = subset(split.test, 8)
+    with LlamaBackend(gguf_run, n_threads=1, decide_by="letter") as original, \
+            LlamaBackend(out, n_threads=1, decide_by="letter") as averaged:
+        for e in questions:
+            a = original.resolve(e.window, e.question, rewrite="never")
+            b = averaged.resolve(e.window, e.question, rewrite="never")
+            assert b.probs == pytest.approx(a.probs, abs=2e-3)

@@ -1,4 +1,5 @@
-"""train, export-gguf, scaling-check: LoRA fine-tuning, export for serving, and the scaling-law check."""
+"""train, seed, average, export-gguf, export-lora, scaling-check: LoRA fine-tuning, export for serving, and the
+scaling-law check."""
 from __future__ import annotations
 
 import argparse
@@ -116,6 +117,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="test examples for the HF-vs-llama.cpp agreement check (default 200; 0 = skip)")
     p.add_argument("--threads", type=int, help="llama.cpp threads")
     p.set_defaults(func=cmd_export_lora)
+
+    p = sub.add_parser("average", help="average the LoRA adapters of several runs of one base into a new run folder")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished runs of the same base (the last one's "
+                   "config, tokenizer and test split are kept)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write (must not exist)")
+    p.add_argument("--rank", type=int, help="rank of the averaged adapter (default the runs' own; 0 = the exact "
+                   "average, of rank the sum of theirs, slower to serve)")
+    p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("scaling-check", help="evaluate a ladder of models: does the metric rise with size?")
     p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
@@ -283,6 +292,18 @@ def _print_figures(model: Path, heldout: dict, per_set: int, *, rewrites: bool, 
                                       "per_set": per_set, "sets": [r.to_dict() for r in rows]},
                                      indent=2, ensure_ascii=False, default=str))
         print(f"report       {report}")
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from corefbot.models.ship.average import average_runs
+
+    r = average_runs(args.runs, args.out, rank=args.rank)
+    cut = (f"cut from rank {r.stacked_rank} to {r.rank}: {100 * r.kept_energy_mean:.2f}% of the update's squared "
+           f"norm kept (worst layer {100 * r.kept_energy_min:.2f}%)" if r.rank < r.stacked_rank
+           else f"exact, rank {r.rank}")
+    print(f"averaged     {len(r.runs)} runs into {r.out} ({cut})")
+    print(f"next         corefbot export-lora {r.out}   (converts, checks against the HF model, picks the decide mode)")
     return 0
 
 
