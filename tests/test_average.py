@@ -88,7 +88,7 @@ def test_runs_that_cannot_be_averaged_are_named(tmp_path: Path) -> None:
         average_runs([a, other_base], tmp_path / "x")
     with pytest.raises(ValueError, match="at least two"):
         average_runs([a], tmp_path / "x")
-    with pytest.raises(FileNotFoundError, match="no peft LoRA adapter"):
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         average_runs([a, tmp_path], tmp_path / "x")
     c = fake_run(tmp_path / "c", r=4, alpha=4, seed=3)
     cfg = json.loads((c / "adapter" / "adapter_config.json").read_text())

@@ -27,7 +27,7 @@ from typing import Sequence
 
 ADAPTER = "adapter"
 RECORD = "average.json"
-# Written by export-lora for the source run; they describe its adapter, not the average.
+# The last run's own outputs (its adapter, its training figures, its export): they describe it, not the average.
 _NOT_COPIED = ("adapter", "adapter.gguf", "decide.json", "export-lora.json", "metrics.json", "loss.csv", "loss.png",
                "selection")
 
@@ -40,14 +40,6 @@ class AverageResult:
     stacked_rank: int
     kept_energy_min: float   # the worst layer's share of ‖ΔW‖² kept by the rank cut (1.0 without a cut)
     kept_energy_mean: float
-
-
-def _adapter_dir(run: Path) -> Path:
-    folder = run / ADAPTER if (run / ADAPTER / "adapter_config.json").is_file() else run
-    if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"{run}: no peft LoRA adapter (adapter/adapter_config.json and "
-                                "adapter_model.safetensors)")
-    return folder
 
 
 def _base_of(run: Path) -> str | None:
@@ -94,7 +86,9 @@ def average_runs(runs: Sequence[str | Path], out: str | Path, *, rank: int | Non
     if out.exists():
         raise ValueError(f"{out}: already exists (averaging writes a new run folder)")
 
-    dirs = [_adapter_dir(p) for p in paths]
+    from corefbot.models.train.finetune import adapter_folder
+
+    dirs = [adapter_folder(p) for p in paths]
     cfgs = [json.loads((d / "adapter_config.json").read_text()) for d in dirs]
     bases = {_base_of(p) for p in paths}
     if len(bases) > 1:
