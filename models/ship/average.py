@@ -10,7 +10,7 @@ stochastic weight averaging). Averaging LoRA factors A and B one by one is not a
 which is exactly a LoRA of rank Σ r_i (the factors stacked). Serving cost grows with the rank, so by default
 the update is cut back to the runs' own rank by a truncated SVD, computed on the small factors (QR of the
 stacked B and Aᵀ, then the SVD of a Σr × Σr core) and never on the full out × in matrix. The share of the
-update's squared norm kept is recorded per run folder (``average.json``) so the cut can be judged.
+update's squared norm kept is recorded in the new folder (``average.json``) so the cut can be judged.
 
 The new folder is the last run's folder with the averaged adapter: its config, tokenizer and manifest (so its
 test split is the last run's; earlier runs may have trained on some of those questions, so judge the average on
