@@ -97,6 +97,9 @@ def test_runs_that_cannot_be_averaged_are_named(tmp_path: Path) -> None:
         average_runs([a, c], tmp_path / "x")
     with pytest.raises(ValueError, match="rank 9"):
         average_runs([a, fake_run(tmp_path / "d", r=4, alpha=4, seed=4)], tmp_path / "x", rank=9)
+    with pytest.raises(ValueError, match="above .*smaller side"):  # the exact average of 4 rank-4 runs, 12 rows
+        average_runs([a, tmp_path / "d", fake_run(tmp_path / "e", r=4, alpha=4, seed=5),
+                      fake_run(tmp_path / "f", r=4, alpha=4, seed=6)], tmp_path / "x", rank=0)
     with pytest.raises(ValueError, match="already exists"):
         average_runs([a, tmp_path / "d"], tmp_path / "a")
     assert not (tmp_path / "x").exists()  # nothing half-written

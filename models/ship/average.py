@@ -120,6 +120,8 @@ def average_runs(runs: Sequence[str | Path], out: str | Path, *, rank: int | Non
         # Fold each run's peft scaling (alpha / r) and its 1/n share into its B: the result has scaling 1 (alpha = r).
         bs = [t[b_name] * (float(c["lora_alpha"]) / int(c["r"]) / len(paths)) for t, c in zip(tensors, cfgs)]
         as_ = [t[name] for t in tensors]
+        if keep > min(bs[0].shape[0], as_[0].shape[1]):  # an SVD has no more directions than that
+            raise ValueError(f"rank {keep}: above {name}'s smaller side ({bs[0].shape[0]} × {as_[0].shape[1]})")
         new_b, new_a, k = _low_rank(bs, as_, keep)
         averaged[name], averaged[b_name] = new_a, new_b
         kept.append(k)
