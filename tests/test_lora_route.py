@@ -83,8 +83,9 @@ def test_adapter_in_llama_cpp_decides_like_the_hf_model(gguf_run: Path) -> None:
 
 def test_a_run_folder_decides_as_measured(gguf_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """export-lora measures both decide modes of the served pair on the test split and writes the one to serve
-    to decide.json (the letters unless the rewrite is better beyond chance); COREFBOT_DECIDE_BY=auto (the backend's default) serves it, an explicit mode overrides it,
-    and a measurement of another route or an unreadable file leaves the letters."""
+    to decide.json (the letters unless the rewrite is better beyond chance); COREFBOT_DECIDE_BY=auto (the
+    backend's default) serves it, an explicit mode overrides it, and a measurement of another route or an
+    unreadable file leaves the letters."""
     import json
 
     from corefbot.cli import main

@@ -25,10 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from corefbot.models.serve.llama import DECIDE_FILE, RUN_ADAPTER
+
 ADAPTER = "adapter"
 RECORD = "average.json"
 # The last run's own outputs (its adapter, its training figures, its export): they describe it, not the average.
-_NOT_COPIED = ("adapter", "adapter.gguf", "decide.json", "export-lora.json", "metrics.json", "loss.csv", "loss.png",
+_NOT_COPIED = (ADAPTER, RUN_ADAPTER, DECIDE_FILE, "export-lora.json", "metrics.json", "loss.csv", "loss.png",
                "selection")
 
 
@@ -40,16 +42,6 @@ class AverageResult:
     stacked_rank: int
     kept_energy_min: float   # the worst layer's share of ‖ΔW‖² kept by the rank cut (1.0 without a cut)
     kept_energy_mean: float
-
-
-def _base_of(run: Path) -> str | None:
-    import yaml
-
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        return None
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    return cfg.get("base_gguf_sha256") or cfg.get("base")
 
 
 def _low_rank(bs: list, as_: list, rank: int) -> tuple:
@@ -87,10 +79,12 @@ def average_runs(runs: Sequence[str | Path], out: str | Path, *, rank: int | Non
         raise ValueError(f"{out}: already exists (averaging writes a new run folder)")
 
     from corefbot.models.train.finetune import adapter_folder
+    from corefbot.models.train.run import read_run
 
     dirs = [adapter_folder(p) for p in paths]
     cfgs = [json.loads((d / "adapter_config.json").read_text()) for d in dirs]
-    bases = {_base_of(p) for p in paths}
+    run_cfgs = [read_run(p)[0] for p in paths]  # finished run folders: the last one is copied as the new run
+    bases = {c.get("base_gguf_sha256") or c.get("base") for c in run_cfgs}
     if len(bases) > 1:
         raise ValueError(f"runs {', '.join(map(str, paths))} were trained from different bases ({sorted(map(str, bases))})")
     for key in ("target_modules", "layers_to_transform", "peft_type"):
