@@ -75,6 +75,8 @@ def test_score_counts_forwarded_text() -> None:
     bad = score(examples, wrong)
     assert bad["decision"]["f1"] == 0.0 and bad["decision"]["mcc"] == -1.0 and bad["gate"]["recall"] == 0.0
     assert [m["id"] for m in bad["mistakes"]] == [e.id for e in examples] and not report["mistakes"]
+    # The self-contained question went out as "x": counted; sent as asked it is not.
+    assert bad["rewrite"]["altered_not_needed"] == 1 and report["rewrite"]["altered_not_needed"] == 0
     assert not report["rewrite_misses"]
     assert bad["rewrite_misses"] == [{"id": examples[0].id, "question": examples[0].question.text,
                                       "decision": "not_needed", "forwarded": examples[0].question.text,

@@ -116,6 +116,9 @@ def score(examples: Sequence[Example], outcomes: Sequence[Outcome]) -> dict[str,
         "changed": statistics.fmean(o.forwarded != e.question.text for e, o in needs) if needs else 0.0,
         "as_asked_token_f1": statistics.fmean(token_f1(e.question.text, e.rewrite or "") for e, _ in needs) if needs else 0.0,
         "rejected": sum(o.rejected for o in outcomes),
+        # The harm a member sees on the other side: a self-contained question forwarded changed.
+        "altered_not_needed": sum(e.label == "not_needed" and o.forwarded != e.question.text
+                                  for e, o in zip(examples, outcomes)),
     }
     # What validation cost or saved: the rejected rewrites of gold-needs rows scored as if forwarded.
     refused = [(e, o.rejected_rewrite) for e, o in needs if o.rejected_rewrite is not None]
@@ -213,7 +216,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"decision  P {d['precision']:.3f}  R {d['recall']:.3f}  F1 {d['f1']:.3f}  MCC {d['mcc']:.3f}  "
         f"tp {d['tp']} fp {d['fp']} fn {d['fn']} tn {d['tn']}  unknown {d['unknown']}",
         f"rewrite   EM {r['exact_match']:.3f}  token F1 {r['token_f1']:.3f}  (as asked {r['as_asked_token_f1']:.3f}, "
-        f"changed {r['changed']:.3f}, rejected {r['rejected']}, n {r['n']})",
+        f"changed {r['changed']:.3f}, rejected {r['rejected']}, n {r['n']}; "
+        f"self-contained questions changed {r.get('altered_not_needed', 0)})",
         *([f"rejected  {r['rejected_needs']} rewrites of gold-needs questions would have scored EM "
            f"{r['rejected_exact_match']:.3f}, token F1 {r['rejected_token_f1']:.3f} (forwarded as asked: "
            f"{r['rejected_as_asked_token_f1']:.3f})"] if r.get("rejected_needs") else []),
