@@ -274,47 +274,6 @@ def test_a_rewrite_read_against_the_question_is_the_plain_greedy_line(backend: L
     assert sum(steps for *_, steps, _ in drafted) * 2 < sum(n for *_, n in drafted)
 
 
-def test_a_line_that_must_change_leaves_the_copy_and_goes_on_greedily(tiny_gguf: Path):
-    """When the letter said "needs" but the greedy line is the question copied whole, the line leaves the
-    copy at one position, with a token that writes other text there, and is greedy again from there on;
-    without ``must_change`` the copy stands. (The tiny model rarely ends a line by itself: its own line,
-    cut at the token limit and offered as the question, is copied whole up to that limit.)"""
-    backend = LlamaBackend(tiny_gguf, n_threads=2, max_rewrite_tokens=16)
-    lead = [backend._letters[SERVE_ORDER.index("needs")], backend._nl]
-
-    def lines(job, question: Turn) -> tuple:
-        full = backend._tokenize(build_prompt(WINDOW, question, SERVE_ORDER).chatml())
-
-        def line(lead: list[int], guess: list[int] = (), must_change: bool = False) -> tuple[str | None, list[int]]:
-            backend._reset_context()
-            backend._decode(full, job)
-            text, _ = backend._generate_line(job, lead, guess, must_change=must_change)
-            return text, backend._live[len(full) + len(lead):]
-
-        plain, own = line(lead)  # the model's own line: a question it copies whole
-        kept, _ = line(lead, own)
-        changed, written = line(lead, own, must_change=True)
-        i = backend.last_departed
-        if i is None:
-            return plain, kept, changed, i, own, written, None
-        # Greedy from the departure: the loop run on a context that was fed the departed prefix at once.
-        backend._reset_context()
-        backend._decode([*full, *lead, *written[: i + 1]], job)
-        owed = 0
-        for t in written[: i + 1]:
-            owed = backend._owed_after(owed, t)
-        again, _ = backend._write_line(job, list(written[: i + 1]), -1, [], owed, len(full) + len(lead),
-                                       backend._not_first, backend._not_inside, ())
-        return plain, kept, changed, i, own, written, again
-
-    with backend:
-        rows = [backend.call(lambda job, q=q: lines(job, q), timeout_s=300) for q in QUESTIONS]
-    for plain, kept, changed, i, own, written, again in rows:
-        assert kept == plain and i is not None
-        assert changed != plain and written[:i] == own[:i] and written[i] != own[i]
-        assert written == again
-
-
 def test_a_rewrite_writes_no_token_with_a_chinese_character_the_chat_lacks(backend: LlamaBackend):
     """The served line is kept to tokens whose Chinese characters the chat (and validation's glue) has:
     the tiny model, left alone, writes tokens with characters the chat never had; kept, it writes none

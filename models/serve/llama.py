@@ -330,7 +330,6 @@ class LlamaBackend:
         self.last_reused_tokens = 0
         self.last_decision_ms = 0.0  # submission to decision: before any rewrite (letter), with the rewrite (rewrite)
         self.last_rewrite_steps = 0  # tokens of the last rewrite generated one at a time (not copied in a batch)
-        self.last_departed: int | None = None  # where the last rewrite was made to leave a copy of the question
         self.skipped_prefills = 0  # background prefills stopped because a newer window made them useless
 
         self._cv = threading.Condition()
@@ -690,8 +689,7 @@ class LlamaBackend:
             question = self._llm.tokenize(one_line(job.question.text).encode("utf-8"), add_bos=False, special=False)
             # Kept to the chat's Chinese characters: a rewrite with any other is refused by validation anyway.
             banned = self._foreign(allowed_cjk(job.question.text, [t.text for t in window]))
-            rewrite, copy_p = self._generate_line(job, lead, question, sources=(question, full), banned=banned,
-                                                  must_change=decision == "needs" and self.decide_by == "letter")
+            rewrite, copy_p = self._generate_line(job, lead, question, sources=(question, full), banned=banned)
         if self.decide_by == "rewrite":
             decision = "needs" if rewrite and adds_content(job.question.text, rewrite) else "not_needed"
             if copy_p is not None:  # the rewrite's own confidence; the letters' is noise where this mode wins
@@ -714,8 +712,7 @@ class LlamaBackend:
         return {SERVE_ORDER[i]: exps[i] / total for i in range(len(LETTERS))}
 
     def _generate_line(self, job: _Job, lead: Sequence[int], guess: Sequence[int] = (),
-                       sources: Sequence[Sequence[int]] = (), banned: Any = None,
-                       must_change: bool = False) -> tuple[str | None, float | None]:
+                       sources: Sequence[Sequence[int]] = (), banned: Any = None) -> tuple[str | None, float | None]:
         """Greedy generation of one line (see :meth:`_pick`) after ``lead`` (the answer letter and a newline),
         never writing a token of ``banned`` (a boolean mask over the vocabulary; see :meth:`_foreign`);
         the line, and the probability that the model copies ``guess`` whole and ends the line there (None
@@ -730,11 +727,7 @@ class LlamaBackend:
         tokens there, since a rewrite is mostly the question's words around a name copied from the window.
         A wrong draft costs a few positions of one batch, a right one saves a step per token. Whatever is
         drafted, the greedy choice at every position writes the line, so it is the one plain generation
-        writes, up to llama.cpp's batched vs one-by-one arithmetic.
-
-        ``must_change`` (the letter said the question needs resolving): a greedy line that copies ``guess``
-        whole is replaced by the line that leaves the copy where greedy choice was least sure of it (see
-        :meth:`_departure`), since forwarding the question as asked is what the decision said not to do."""
+        writes, up to llama.cpp's batched vs one-by-one arithmetic."""
         first, inside = self._not_first, self._not_inside
         if banned is not None:
             first, inside = first | banned, [m | banned for m in inside]
@@ -744,36 +737,13 @@ class LlamaBackend:
         at = len(lead) - 1  # batch position of the logits for the line's next token
         # Only deciding by the rewrite reads it: letter mode keeps the softmax over the vocabulary off its hot path.
         copy_p = self._copy_probability(at, draft) if draft and self.decide_by == "rewrite" else None
+        line: list[int] = []
+        tail = b""  # the text of the token that ended the line, before its newline
+        owed = 0  # continuation bytes of a character the line has begun (tokens may split one)
         self.last_rewrite_steps = 0
-        self.last_departed = None
-        line, tail = self._write_line(job, [], at, list(draft), 0, line_start, first, inside, sources)
-        if must_change and not tail and line and line == draft:
-            departure = self._departure(at, line, first, inside)
-            if departure is not None:
-                i, tok = departure
-                self.last_departed = i
-                self._truncate(line_start + i)
-                owed = 0
-                for t in line[:i]:
-                    owed = self._owed_after(owed, t)
-                line, tail = self._write_line(job, line[:i], at, [], owed, line_start, first, inside, sources, tok)
-        # Only a cut at max_rewrite_tokens can leave a character unfinished: "ignore" drops that one.
-        text = (b"".join(self._pieces[t] for t in line) + tail).decode("utf-8", errors="ignore").strip()
-        return text[:MAX_REWRITE_CHARS] or None, copy_p
-
-    def _write_line(self, job: _Job, line: list[int], at: int, draft: list[int], owed: int, line_start: int,
-                    first: Any, inside: Sequence[Any], sources: Sequence[Sequence[int]],
-                    force: int | None = None) -> tuple[list[int], bytes]:
-        """The greedy loop of :meth:`_generate_line` from ``line`` (already in the context, ``draft`` after
-        it with logits from batch position ``at``), writing ``force`` first when given; the line's tokens
-        and the text of the token that ended it, before its newline."""
-        tail = b""
         while len(line) < self.max_rewrite_tokens:
             self._check(job)
-            if force is not None:
-                tok, force = force, None
-            else:
-                tok = self._pick(at, inside[owed] if line else first)
+            tok = self._pick(at, inside[owed] if line else first)
             owed = self._owed_after(owed, tok)
             if draft and tok == draft[0]:  # already in the context, with its logits: no step
                 draft.pop(0)
@@ -796,35 +766,9 @@ class LlamaBackend:
             self._decode([tok, *draft], job, logits_all=bool(draft))
             at = 0 if draft else -1
             self.last_rewrite_steps += 1
-        return line, tail
-
-    def _departure(self, at: int, copied: Sequence[int], first: Any, inside: Sequence[Any]) -> tuple[int, int] | None:
-        """Where a line that copied ``copied`` whole (its logits at batch positions ``at`` …) is best left:
-        the position whose copied token leads the best other token by the smallest logit margin, and that
-        token. The other token must go on writing (no line end) and must not spell the question's own next
-        bytes (a shorter token of the same text would copy it again). None when no position has one."""
-        import numpy as np
-
-        text = b"".join(self._pieces[t] for t in copied)
-        best: tuple[float, int, int] | None = None
-        done, owed = 0, 0
-        for i, copy in enumerate(copied):
-            row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at + i), shape=(self._n_vocab,))
-            row = np.where(inside[owed] if i else first, -np.inf, row)
-            row[self._line_ends] = -np.inf
-            rest = text[done:]
-            for tok in np.argsort(row)[::-1][:16]:  # the first that departs; 16 is plenty in practice
-                if not np.isfinite(row[tok]):
-                    break
-                piece = self._pieces[int(tok)]
-                if int(tok) != copy and not rest.startswith(piece):
-                    margin = float(row[copy] - row[tok])
-                    if best is None or margin < best[0]:
-                        best = (margin, i, int(tok))
-                    break
-            done += len(self._pieces[copy])
-            owed = self._owed_after(owed, copy)
-        return None if best is None else (best[1], best[2])
+        # Only a cut at max_rewrite_tokens can leave a character unfinished: "ignore" drops that one.
+        text = (b"".join(self._pieces[t] for t in line) + tail).decode("utf-8", errors="ignore").strip()
+        return text[:MAX_REWRITE_CHARS] or None, copy_p
 
     def _pick(self, at: int, refused: Any) -> int:
         """The greedy token at batch position ``at`` outside ``refused``, the mask of what a one-line rewrite
