@@ -105,14 +105,18 @@ def average_runs(runs: Sequence[str | Path], out: str | Path, *, rank: int | Non
     if not 0 < keep <= stacked:
         raise ValueError(f"rank {rank}: must be between 1 and {stacked} (the stacked rank), or 0 to keep it")
 
+    # The average keeps the last run's scaling (alpha / r), so a preset that trained the runs can continue it
+    # (``corefbot seed --init-adapter``): its B carries the rest.
+    scale = float(cfgs[-1]["lora_alpha"]) / int(cfgs[-1]["r"])
+    alpha = scale * keep
     averaged: dict[str, torch.Tensor] = {}
     kept: list[float] = []
     for name in sorted(n for n in names if ".lora_A." in n):
         b_name = name.replace(".lora_A.", ".lora_B.")
         if b_name not in names:
             raise ValueError(f"{paths[0]}: {name} has no lora_B partner")
-        # Fold each run's peft scaling (alpha / r) and its 1/n share into its B: the result has scaling 1 (alpha = r).
-        bs = [t[b_name] * (float(c["lora_alpha"]) / int(c["r"]) / len(paths)) for t, c in zip(tensors, cfgs)]
+        # Fold each run's peft scaling (alpha / r) and its 1/n share into its B, less the scaling the average keeps.
+        bs = [t[b_name] * (float(c["lora_alpha"]) / int(c["r"]) / len(paths) / scale) for t, c in zip(tensors, cfgs)]
         as_ = [t[name] for t in tensors]
         if keep > min(bs[0].shape[0], as_[0].shape[1]):  # an SVD has no more directions than that
             raise ValueError(f"rank {keep}: above {name}'s smaller side ({bs[0].shape[0]} × {as_[0].shape[1]})")
@@ -125,7 +129,7 @@ def average_runs(runs: Sequence[str | Path], out: str | Path, *, rank: int | Non
 
     shutil.copytree(paths[-1], out, ignore=shutil.ignore_patterns(*_NOT_COPIED))
     (out / ADAPTER).mkdir()
-    cfg = dict(cfgs[-1], r=keep, lora_alpha=keep)
+    cfg = dict(cfgs[-1], r=keep, lora_alpha=int(alpha) if alpha.is_integer() else alpha)
     (out / ADAPTER / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     save_file(averaged, str(out / ADAPTER / "adapter_model.safetensors"), metadata={"format": "pt"})
     result = AverageResult(out=out, runs=[str(p.resolve()) for p in paths], rank=keep, stacked_rank=stacked,

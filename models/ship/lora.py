@@ -20,11 +20,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from corefbot.models.serve.llama import DECIDE_FILE
+from corefbot.models.serve.llama import DECIDE_FILE, RUN_ADAPTER
 
 log = logging.getLogger(__name__)
-
-ADAPTER_GGUF = "adapter.gguf"  # inside a run folder
 
 
 def _base_layers(adapter_dir: Path, base_config: Path | None) -> int:
@@ -122,7 +120,7 @@ def export_lora(run_dir: str | Path, *, max_examples: int | None = 200, n_thread
     if not base_cfg.is_file():  # the cached conversion was deleted: its config comes back with it
         base_cfg = resolve_base(config["base_gguf"]).hf_dir / "config.json"
     start = time.perf_counter()
-    out = convert_lora_to_gguf(run_dir / "adapter", run_dir / ADAPTER_GGUF, base_config=base_cfg)
+    out = convert_lora_to_gguf(run_dir / "adapter", run_dir / RUN_ADAPTER, base_config=base_cfg)
     seconds = {"convert": time.perf_counter() - start}
     agreement, decide = None, None
     (run_dir / DECIDE_FILE).unlink(missing_ok=True)  # measured for the adapter this replaces
