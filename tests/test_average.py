@@ -53,10 +53,13 @@ def test_exact_average_is_the_mean_of_the_updates(tmp_path: Path) -> None:
         naive = ((ta[f"{layer}.lora_B.weight"] * 2 + tb[f"{layer}.lora_B.weight"]) / 2).double() @ \
             ((ta[f"{layer}.lora_A.weight"] + tb[f"{layer}.lora_A.weight"]) / 2).double()
         assert not torch.allclose(naive, want, atol=1e-2)
-    # Cut back to the runs' rank, the average keeps the last run's r and alpha: its preset can continue it.
-    average_runs([b, a], tmp_path / "avg2")
+    # The average keeps the last run's scaling (alpha / r = 2 for a), so at the runs' rank the preset that
+    # trained them can continue it; the update is the same.
+    average_runs([b, a], tmp_path / "avg2", rank=0)
     cfg = json.loads((tmp_path / "avg2" / "adapter" / "adapter_config.json").read_text())
-    assert (cfg["r"], cfg["lora_alpha"]) == (4, 8)
+    assert (cfg["r"], cfg["lora_alpha"]) == (8, 16)
+    for layer in LAYERS:
+        assert torch.allclose(delta(tmp_path / "avg2", layer), (delta(a, layer) + delta(b, layer)) / 2, atol=1e-4)
     # The last run's folder, its own figures left out; the record names the runs.
     assert json.loads((tmp_path / "avg" / "manifest.json").read_text()) == {"from": "b"}
     metrics = json.loads((tmp_path / "avg" / "metrics.json").read_text())
