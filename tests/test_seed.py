@@ -72,7 +72,8 @@ def test_a_missing_public_set_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_seed_from_a_gguf_base_ends_servable_with_figures_as_served(tiny_gguf: Path, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
     """The one command: train from the serving GGUF, export the adapter, pick the decide mode, evaluate as served."""
     pytest.importorskip("llama_cpp")
     from corefbot.cli import main
@@ -107,6 +108,8 @@ def test_seed_from_a_gguf_base_ends_servable_with_figures_as_served(tiny_gguf: P
     assert main(["seed", "--base", str(tiny_gguf), "--out", str(again), "--data-dir", str(data), "--preset", "tiny",
                  "--max-steps", "1", "--sample", "1", "--init-adapter", str(run), "--lr", "1e-4", "--no-figures",
                  "--lora-layers", "2"]) == 0
+    # Trained only: not servable yet, and the command says what makes it so.
+    assert not (again / "adapter.gguf").exists() and f"corefbot export-lora {again}" in capsys.readouterr().out
     config = yaml.safe_load((again / "config.yaml").read_text())
     assert config["init_adapter"] == str(run.resolve()) and config["learning_rate"] == 1e-4
     adapter = json.loads((again / "adapter" / "adapter_config.json").read_text())

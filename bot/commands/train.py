@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps (a smaller run)")
     p.add_argument("--per-set", type=int, default=60,
                    help="held-out examples evaluated per set (a deterministic subset; default 60)")
-    p.add_argument("--no-figures", action="store_true", help="train only; evaluate later with seed-eval")
+    p.add_argument("--no-figures", action="store_true",
+                   help="train only (no export, no figures): from a GGUF base, run export-lora before serving or seed-eval")
     p.add_argument("--sample", type=int, default=0,
                    help="which successive sample of the large sets to train on (default 0; 1, 2 … are fresh "
                         "pairs for a further sitting; the held-out parts never change)")
@@ -238,9 +239,12 @@ def cmd_seed(args: argparse.Namespace) -> int:
           f"{tr['sequences']} sequences, {tr['tokens']:,} tokens in {tr['wall_s'] / 60:.1f} min "
           f"({tr['tokens_per_s']:,.0f} tokens/s), final loss {tr['final_loss']:.3f}, "
           f"peak memory {tr['peak_memory_bytes'] / 2**30:.2f} GiB")
+    from_gguf = bool(read_run(out)[0].get("base_gguf"))
     if args.no_figures:
+        if from_gguf:
+            print(f"next         corefbot export-lora {out}   (makes the run servable; then seed-eval)")
         return 0
-    if read_run(out)[0].get("base_gguf"):
+    if from_gguf:
         # Trained from the GGUF the bot serves: make the run folder servable (adapter.gguf, and decide.json from
         # its test split) and report the held-out figures as the group will get them, through llama.cpp.
         args.run_dir, args.max_examples = out, args.decide_examples
