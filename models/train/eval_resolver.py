@@ -217,7 +217,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"tp {d['tp']} fp {d['fp']} fn {d['fn']} tn {d['tn']}  unknown {d['unknown']}",
         f"rewrite   EM {r['exact_match']:.3f}  token F1 {r['token_f1']:.3f}  (as asked {r['as_asked_token_f1']:.3f}, "
         f"changed {r['changed']:.3f}, rejected {r['rejected']}, n {r['n']}; "
-        f"self-contained questions changed {r.get('altered_not_needed', 0)})",
+        f"self-contained questions changed {r['altered_not_needed']})",
         *([f"rejected  {r['rejected_needs']} rewrites of gold-needs questions would have scored EM "
            f"{r['rejected_exact_match']:.3f}, token F1 {r['rejected_token_f1']:.3f} (forwarded as asked: "
            f"{r['rejected_as_asked_token_f1']:.3f})"] if r.get("rejected_needs") else []),
