@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from corefbot.models.ship import registry
 from corefbot.models.ship.nightly import NightlyConfig, NightlyLock, lock_path, recent_runs, run_nightly
@@ -143,6 +144,7 @@ def test_nightly_end_to_end_promote_skip_refuse_and_crash(tmp_path: Path, tiny_h
     first = run_nightly(db, NightlyConfig(**base, margin=-1.0))
     assert first.status == "promoted", first.error
     assert first.baseline == "the base model" and first.f1_before is not None and first.f1_after is not None
+    assert first.continued == "" and "continuing" not in first.summary  # nothing served: from the base
     assert first.train + first.validation + first.test == first.labels > 0 and first.test > 0
     serving = read(db, registry.serving)
     assert serving.id == first.version_id and serving.gguf_path == first.gguf_path
@@ -177,6 +179,9 @@ def test_nightly_end_to_end_promote_skip_refuse_and_crash(tmp_path: Path, tiny_h
     third = run_nightly(db, NightlyConfig(**{**base, "min_new_labels": 1}, margin=1.01))
     assert third.status == "rejected" and third.new_labels == 1
     assert third.baseline == f"serving v{serving.id}"  # evaluated from its run folder on tonight's test split
+    # …and the candidate trained on from its adapter, not from the bare base
+    assert Path(third.continued) == Path(serving.run_dir) and f"continuing {Path(serving.run_dir).name}'s" in third.summary
+    assert Path(yaml.safe_load((Path(third.run_dir) / "config.yaml").read_text())["init_adapter"]) == Path(serving.run_dir)
     assert "Not promoted" in third.summary and f"Serving v{serving.id}, unchanged" in third.summary
     assert read(db, registry.serving).id == serving.id and sha(serving.gguf_path) == serving_sha
     rejected = read(db, lambda s: registry.get(s, third.version_id))
@@ -268,6 +273,17 @@ def test_nightly_from_a_gguf_base_serves_the_adapter(tmp_path: Path, tiny_gguf: 
     assert second.f1_before == pytest.approx(served_f1(serving.gguf_path, second.run_dir))
     assert read(db, registry.serving).id == serving.id
 
+    # A bot serving a run folder named by COREFBOT_MODEL_PATH, nothing in its registry: that run is what a
+    # candidate must beat (not the bare base), and the candidate continues its adapter.
+    other = labelled_db(tmp_path / "other.db", 60)
+    third = run_nightly(other, dataclasses.replace(config, model_path=Path(report.run_dir), margin=1.01,
+                                                   work_dir=tmp_path / "other-nightly"))
+    assert third.status == "rejected", third.error
+    assert third.baseline == f"the configured model {Path(report.run_dir).name}"
+    assert third.f1_before == pytest.approx(served_f1(report.run_dir, third.run_dir))
+    assert Path(third.continued) == Path(report.run_dir).resolve()
+    assert f"Serving the configured model {Path(report.run_dir).name}, unchanged" in third.summary
+
 
 def test_a_serving_version_without_files_is_compared_by_its_recorded_f1_or_refused(tmp_path: Path) -> None:
     from types import SimpleNamespace
@@ -286,5 +302,44 @@ def test_a_serving_version_without_files_is_compared_by_its_recorded_f1_or_refus
     assert _compare_with(hand, files, base, f1_of) == ("serving v3", 0.5)
     assert measured == [base, files]
     assert _compare_with(hand, None, base, f1_of) == ("serving v3 (recorded F1)", 0.7)
+    # Nothing promoted while the bot serves a configured model: that model is the baseline, not the base.
+    measured.clear()
+    assert _compare_with(None, None, base, f1_of, configured=files) == ("the configured model run", 0.5)
+    assert _compare_with(None, None, base, f1_of, configured=base.resolve()) == ("the base model", 0.5)
+    assert measured == [files, base]
     with pytest.raises(ValueError, match="serving v3 has neither model files .*/gone.gguf"):
         _compare_with(SimpleNamespace(**{**vars(hand), "f1": None}), None, base, f1_of)
+
+
+def test_the_candidate_continues_the_served_adapter_only_from_the_same_base(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    import yaml
+
+    from corefbot.models.ship.nightly import _continuing, _State
+    from corefbot.models.train.finetune import load_preset
+
+    def trained_run(name: str, sha256: str, layers: list[int] | None) -> Path:
+        run = tmp_path / name
+        (run / "adapter").mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"base": "/cache/hf", "base_gguf_sha256": sha256}))
+        (run / "adapter" / "adapter_config.json").write_text(json.dumps(
+            {"r": 8, "lora_alpha": 24, "layers_to_transform": layers}))
+        return run
+
+    base = SimpleNamespace(gguf=tmp_path / "base.gguf", gguf_sha256="abc", hf_dir=Path("/cache/hf"))
+    preset = load_preset("nightly-cpu")  # r 16, alpha 32, the top 12 layers
+    state = _State(started_at=0.0, trigger="test")
+    seed = trained_run("seed", "abc", list(range(0, 24)))
+    cfg = _continuing(preset, seed, base, state)
+    # the served adapter's own rank and scaling, and its 24 layers (more than the preset's 12: never narrowed)
+    assert (cfg.init_adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_layers) == (str(seed), 8, 24, 24)
+    assert state.continued == str(seed)
+    narrow = trained_run("narrow", "abc", [22, 23])
+    assert _continuing(preset, narrow, base, state).lora_layers == 12  # widened to the preset's layers
+    assert _continuing(preset.replace(lora_layers=None), narrow, base, state).lora_layers is None
+    # another base's run, a folder that is no run, nothing served: from the base, the preset unchanged
+    state = _State(started_at=0.0, trigger="test")
+    assert _continuing(preset, trained_run("other", "xyz", None), base, state) == preset
+    assert _continuing(preset, tmp_path, base, state) == preset
+    assert _continuing(preset, None, base, state) == preset and state.continued == ""

@@ -83,8 +83,18 @@ def test_nightly_cli_reads_the_bots_settings_and_options_win(workdir: Path) -> N
     (workdir / ".env").unlink()
     cfg = config_from(build_parser().parse_args(["nightly", "--now"]))
     job = NightlyConfig()
-    assert (cfg.preset, cfg.min_new_labels, cfg.margin, cfg.quant, cfg.min_agreement, cfg.keep_runs) == \
-        (job.preset, job.min_new_labels, job.margin, job.quant, job.min_agreement, job.keep_runs)
+    assert (cfg.preset, cfg.min_new_labels, cfg.margin, cfg.quant, cfg.min_agreement, cfg.keep_runs,
+            cfg.model_path, cfg.continue_served) == \
+        (job.preset, job.min_new_labels, job.margin, job.quant, job.min_agreement, job.keep_runs, None, True)
+    # The model the bot serves at start is the job's baseline, unless another backend serves.
+    (workdir / ".env").write_text("COREFBOT_MODEL_PATH=/runs/seed\nCOREFBOT_NIGHTLY_CONTINUE=false\n")
+    cfg = config_from(build_parser().parse_args(["nightly", "--now"]))
+    assert (cfg.model_path, cfg.continue_served) == (Path("/runs/seed"), False)
+    (workdir / ".env").write_text("COREFBOT_MODEL_PATH=/runs/seed\nCOREFBOT_RESOLVER=rules\n")
+    cfg = config_from(build_parser().parse_args(["nightly", "--now", "--from-base"]))
+    assert (cfg.model_path, cfg.continue_served) == (None, False)
+    cfg = config_from(build_parser().parse_args(["nightly", "--now", "--model", "/runs/avg"]))
+    assert (cfg.model_path, cfg.continue_served) == (Path("/runs/avg"), True)
 
 
 def test_eval_uses_the_resolver_key_the_bot_uses(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--now", action="store_true", help="run the job once: export → train → evaluate → promotion check → GGUF")
     p.add_argument("--base", metavar="HF_DIR", help="base model folder (default COREFBOT_BASE_MODEL)")
     p.add_argument("--preset", help="finetune preset or YAML (default COREFBOT_NIGHTLY_PRESET)")
+    p.add_argument("--model", metavar="MODEL",
+                   help="what the bot serves while the registry has none: the baseline, and the run whose adapter "
+                        "the candidate continues (default COREFBOT_MODEL_PATH when the resolver is llama-cpp)")
+    p.add_argument("--from-base", action="store_true",
+                   help="train the candidate from the bare base, not on from the served run's adapter "
+                        "(default: COREFBOT_NIGHTLY_CONTINUE)")
     p.add_argument("--work-dir", metavar="DIR",
                    help="run folders and the lock (default COREFBOT_NIGHTLY_DIR or 'nightly' beside the database)")
     p.add_argument("--min-new-labels", type=int,
@@ -55,9 +61,12 @@ def config_from(args: argparse.Namespace) -> Any:
     ``.env``, read through the nightly plugin's settings model, which holds the defaults)."""
     from corefbot.models.ship.nightly import NightlyConfig
     from corefbot.plugins.common.settings import read_settings
-    from corefbot.plugins.common.settings import NightlySettings
+    from corefbot.plugins.common.settings import NightlySettings, ResolverSettings
 
     settings = read_settings(NightlySettings)
+    resolver = read_settings(ResolverSettings)
+    # The model the bot loads at start (COREFBOT_MODEL_PATH) serves only with the local backend.
+    served = resolver.corefbot_model_path if resolver.corefbot_resolver in (None, "llama-cpp") else None
 
     def pick(option: Any, setting: Any) -> Any:
         return setting if option is None else option
@@ -69,6 +78,8 @@ def config_from(args: argparse.Namespace) -> Any:
     return NightlyConfig(
         base_model=Path(base).expanduser() if base else None, work_dir=Path(work).expanduser() if work else None,
         preset=pick(args.preset, settings.corefbot_nightly_preset),
+        model_path=Path(args.model or served).expanduser() if (args.model or served) else None,
+        continue_served=settings.corefbot_nightly_continue and not args.from_base,
         min_new_labels=pick(args.min_new_labels, settings.corefbot_nightly_min_new_labels),
         margin=pick(args.margin, settings.corefbot_nightly_margin),
         quant=pick(args.quant, settings.corefbot_nightly_quant),

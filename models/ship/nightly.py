@@ -7,8 +7,12 @@
 2. copy the labelled examples out of the bot's database in one short read transaction (WAL: the bot's
    writer is never blocked), then work on files only;
 3. too few labels changed since the last run that trained → skip with a note;
-4. train a LoRA adapter on the train split (``corefbot.models.train.run.run``) into a new run folder;
-5. evaluate the serving model on the same test split, so both F1 figures come from the same examples.
+4. train a LoRA adapter on the train split (``corefbot.models.train.run.run``) into a new run folder,
+   continuing the adapter the bot serves when it was trained from the same base (a seed run keeps what it
+   learnt from the public sets; ``continue_served``), else from the bare base;
+5. evaluate what the bot serves on the same test split, so both F1 figures come from the same examples:
+   the registry's serving version, else the model the bot was configured with (``model_path``,
+   ``COREFBOT_MODEL_PATH``), else the base — never the bare base while the bot serves a fine-tuned run.
    From a GGUF base (the adapter route, the default) the candidate is exported first (its ``adapter.gguf``
    and measured decide mode, ``corefbot.models.ship.lora.export_lora``) and both sides are measured as the
    bot serves them: the shipped gate, each model's decide mode, rewrite validation — the serving version
@@ -58,6 +62,9 @@ class NightlyConfig:
     """What a nightly run does; the CLI fills it from arguments and ``COREFBOT_*`` settings."""
 
     base_model: Path | None = None  # Hugging Face folder of the base model (COREFBOT_BASE_MODEL)
+    # What the bot serves while the registry has no serving version (COREFBOT_MODEL_PATH): the baseline then.
+    model_path: Path | None = None
+    continue_served: bool = True  # the candidate continues the served run's adapter (same base) instead of starting over
     work_dir: Path | None = None  # run folders and the lock; default: "nightly" beside the database
     preset: str = "paper"  # finetune preset name or YAML path
     finetune_overrides: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"max_steps": 200}
@@ -94,7 +101,8 @@ class NightlyReport:
     train: int = 0
     validation: int = 0
     test: int = 0
-    baseline: str = ""  # "serving v3", "base model"
+    baseline: str = ""  # "serving v3", "the configured model avg678", "the base model"
+    continued: str = ""  # the run folder whose adapter the candidate continued; "": trained from the base
     serving_before: int | None = None  # registry id serving when the run started
     f1_before: float | None = None  # baseline's test F1: as served (adapter route) or mean over option orders
     f1_after: float | None = None  # candidate's test F1
@@ -270,6 +278,7 @@ class _State:
     label_cutoff: float | None = None
     serving_id: int | None = None
     baseline: str = ""
+    continued: str = ""
     f1_before: float | None = None
     f1_after: float | None = None
     gguf_path: str = ""
@@ -284,9 +293,9 @@ class _State:
             status=status, summary=summary, reason=reason, run_id=self.run_id, trigger=self.trigger,
             started_at=self.started_at, finished_at=time.time(), run_dir=self.run_dir, labels=self.labels,
             new_labels=self.new_labels, needs=self.needs, train=self.sides[0], validation=self.sides[1],
-            test=self.sides[2], baseline=self.baseline, serving_before=self.serving_id, f1_before=self.f1_before,
-            f1_after=self.f1_after, margin=margin, version_id=self.version_id, gguf_path=self.gguf_path,
-            agreement=self.agreement, failed_step=self.step if status == "failed" else "", error=error,
+            test=self.sides[2], baseline=self.baseline, continued=self.continued, serving_before=self.serving_id,
+            f1_before=self.f1_before, f1_after=self.f1_after, margin=margin, version_id=self.version_id,
+            gguf_path=self.gguf_path, agreement=self.agreement, failed_step=self.step if status == "failed" else "", error=error,
             seconds=dict(self.seconds))
 
 
@@ -359,7 +368,9 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
     state.label_cutoff = max((labels[e.id].at for e in examples), default=previous_cutoff)
     state.serving_id = serving.id if serving else None
     state.seconds["snapshot"] = time.perf_counter() - t
-    serving_name = f"v{serving.id}" if serving else "the base model (nothing promoted yet)"
+    configured = _configured_model(config)
+    serving_name = (f"v{serving.id}" if serving else f"the configured model {configured.name}" if configured
+                    else "the base model (nothing promoted yet)")
     if not config.force and state.new_labels < config.min_new_labels:
         since = f" since {_when(previous_at)}" if previous_at else ""
         reason = f"{state.new_labels} new label(s){since}, fewer than the minimum {config.min_new_labels}"
@@ -376,6 +387,8 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
 
     base_model = resolve_base(base)  # a GGUF is dequantized once (cached); errors name the file
     cfg = load_preset(config.preset, **dict(config.finetune_overrides))
+    if config.continue_served:
+        cfg = _continuing(cfg, _served_run(serving, configured), base_model, state)
     # ---- a new run folder: nothing outside it is written until the registry step ----
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = work / "runs" / f"{stamp}-run{state.run_id}"
@@ -407,13 +420,13 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
         t = time.perf_counter()
         state.compared = "as served (gate, each model's decide mode, rewrite validation)"
         state.f1_after = _served_f1(served_path, test, config)
-        state.baseline, state.f1_before = _served_baseline_f1(serving, base_model.gguf, test, config)
+        state.baseline, state.f1_before = _served_baseline_f1(serving, configured, base_model.gguf, test, config)
         state.seconds["baseline"] = time.perf_counter() - t
     else:
         state.f1_after = float(result.metrics["test"]["decision"]["f1"]["mean"])
         _step(state, "baseline", on_step)
         t = time.perf_counter()
-        state.baseline, state.f1_before = _baseline_f1(serving, base, test, cfg)
+        state.baseline, state.f1_before = _baseline_f1(serving, configured, base, test, cfg)
         state.seconds["baseline"] = time.perf_counter() - t
         served_path = None
 
@@ -503,12 +516,63 @@ def _served_f1(model: str | Path, test: list, config: NightlyConfig) -> float:
     return float(report["decision"]["f1"])
 
 
-def _served_baseline_f1(serving: Any, base_gguf: Path, test: list, config: NightlyConfig) -> tuple[str, float]:
+def _served_baseline_f1(serving: Any, configured: Path | None, base_gguf: Path, test: list,
+                        config: NightlyConfig) -> tuple[str, float]:
     """(name, served F1 on ``test``) of what the candidate must beat: the serving version as it serves
-    (its run folder or GGUF), or the base GGUF when nothing is promoted yet."""
+    (its run folder or GGUF), else the configured model, else the base GGUF."""
     path = Path(serving.gguf_path) if serving is not None and serving.gguf_path else None
     return _compare_with(serving, path if path is not None and path.exists() else None, base_gguf,
-                         lambda model: _served_f1(model, test, config))
+                         lambda model: _served_f1(model, test, config), configured=configured)
+
+
+def _configured_model(config: NightlyConfig) -> Path | None:
+    """The model the bot serves while nothing is promoted (``model_path``), when it exists; a missing one
+    is named in the log (the bot itself then falls back to the rules, so the base is the fair baseline)."""
+    if config.model_path is None:
+        return None
+    path = Path(config.model_path).expanduser()
+    if not path.exists():
+        log.warning("nightly: the configured model %s does not exist; comparing with the base model", path)
+        return None
+    return path.resolve()
+
+
+def _served_run(serving: Any, configured: Path | None) -> Path | None:
+    """The run folder behind what the bot serves (its adapter may be continued), if there is one."""
+    if serving is not None:
+        return Path(serving.run_dir) if serving.run_dir else None
+    return configured if configured is not None and configured.is_dir() else None
+
+
+def _continuing(cfg: Any, run_dir: Path | None, base_model: Any, state: _State) -> Any:
+    """``cfg`` continuing ``run_dir``'s adapter when that run was trained from this base (its rank, alpha and
+    layers kept, widened to the preset's layers when it asks for more); else ``cfg`` unchanged, from the base."""
+    import yaml
+
+    from corefbot.models.train.finetune import adapter_folder
+
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return cfg
+    try:
+        folder = adapter_folder(run_dir)
+    except FileNotFoundError:
+        return cfg
+    trained = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    if base_model.gguf is not None:
+        same = trained.get("base_gguf_sha256") == base_model.gguf_sha256
+    else:
+        same = (not trained.get("base_gguf_sha256")
+                and Path(str(trained.get("base", ""))).resolve() == base_model.hf_dir.resolve())
+    if not same:
+        log.info("nightly: %s was trained from another base (%s); the candidate starts from the base",
+                 run_dir, trained.get("base_gguf") or trained.get("base"))
+        return cfg
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    layers = adapter.get("layers_to_transform")
+    lora_layers = None if layers is None or cfg.lora_layers is None else max(cfg.lora_layers, len(layers))
+    state.continued = str(run_dir)
+    return cfg.replace(init_adapter=str(run_dir), lora_r=adapter["r"], lora_alpha=adapter["lora_alpha"],
+                       lora_layers=lora_layers)
 
 
 def _snapshot(store: Any, config: NightlyConfig) -> tuple[list, dict, Any, float, float | None]:
@@ -549,8 +613,9 @@ def _write_data(examples: list, out: Path, labels: dict) -> None:
         "sha256": hashlib.sha256(data).hexdigest(), "created_at": time.time()}, indent=2) + "\n")
 
 
-def _baseline_f1(serving: Any, base: Path, test: list, cfg: Any) -> tuple[str, float]:
-    """(name, test F1) of what the candidate must beat, evaluated on ``test`` the same way (under PyTorch)."""
+def _baseline_f1(serving: Any, configured: Path | None, base: Path, test: list, cfg: Any) -> tuple[str, float]:
+    """(name, test F1) of what the candidate must beat, evaluated on ``test`` the same way (under PyTorch): a
+    configured model counts when it is a run folder (a GGUF cannot be evaluated there)."""
     from corefbot.models.train.evaluate import evaluate_decisions, load_model
 
     def f1_of(path: Path) -> float:
@@ -562,14 +627,21 @@ def _baseline_f1(serving: Any, base: Path, test: list, cfg: Any) -> tuple[str, f
 
     run_dir = Path(serving.run_dir) if serving is not None and serving.run_dir else None
     ok = run_dir is not None and (run_dir / "adapter").is_dir() and (run_dir / "config.yaml").is_file()
-    return _compare_with(serving, run_dir if ok else None, base, f1_of)
+    if configured is not None and not (configured / "adapter").is_dir():
+        log.warning("nightly: the configured model %s is not a run folder PyTorch can load; comparing with the "
+                    "base model", configured)
+        configured = None
+    return _compare_with(serving, run_dir if ok else None, base, f1_of, configured=configured)
 
 
-def _compare_with(serving: Any, model: Path | None, base: Path, f1_of: Callable[[Path], float]) -> tuple[str, float]:
-    """(name, F1) of the serving version measured from ``model`` (its files; None: none to evaluate), or of
-    ``base`` when nothing is promoted yet. A version registered by hand without files is compared by its
-    recorded F1; one with neither cannot be compared."""
+def _compare_with(serving: Any, model: Path | None, base: Path, f1_of: Callable[[Path], float], *,
+                  configured: Path | None = None) -> tuple[str, float]:
+    """(name, F1) of the serving version measured from ``model`` (its files; None: none to evaluate); when
+    nothing is promoted yet, of the ``configured`` model the bot serves, or of ``base``. A version registered
+    by hand without files is compared by its recorded F1; one with neither cannot be compared."""
     if serving is None:
+        if configured is not None and configured != Path(base).resolve():
+            return f"the configured model {configured.name}", f1_of(configured)
         return "the base model", f1_of(base)
     if model is not None:
         return f"serving v{serving.id}", f1_of(model)
@@ -593,9 +665,10 @@ def _metrics(finetune_metrics: dict, state: _State) -> dict[str, Any]:
 def _trained_sentence(state: _State, config: NightlyConfig, preset: str, base: Path) -> str:
     train, _, test = state.sides
     minutes = state.seconds.get("train", 0.0) / 60
+    continued = f", continuing {Path(state.continued).name}'s adapter" if state.continued else ""
     return (f"Nightly retrain ({config.trigger}): {state.labels} labels ({state.new_labels} new, "
-            f"{state.needs} needing resolution); LoRA on {base.name} ({preset} preset) trained on {train} examples "
-            f"in {minutes:.1f} min{state.budget_stop}; on {test} held-out test questions {state.compared}, decision F1 "
+            f"{state.needs} needing resolution); LoRA on {base.name} ({preset} preset{continued}) trained on {train} "
+            f"examples in {minutes:.1f} min{state.budget_stop}; on {test} held-out test questions {state.compared}, decision F1 "
             f"{_pct(state.f1_before)} ({state.baseline}) → {_pct(state.f1_after)} "
             f"({_signed_points((state.f1_after or 0) - (state.f1_before or 0))} points; "
             f"promotion needs {_signed_points(config.margin)}).")

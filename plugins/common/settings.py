@@ -247,6 +247,10 @@ class NightlySettings(CommonConfig):
         None, description="base model: a Hugging Face folder or a GGUF (dequantized once, cached in "
                           "`COREFBOT_CACHE_DIR`); without it the nightly job is off")
     corefbot_nightly_preset: str = Field(_JOB.preset, description="finetune preset (`paper`, `paper-7b`, `nightly-cpu` on a CPU, `tiny`) or a YAML file")
+    corefbot_nightly_continue: bool = Field(
+        _JOB.continue_served, description="train the candidate on from the adapter the bot serves (the registry's "
+        "serving run, else `COREFBOT_MODEL_PATH` when it is a run folder of the same base), so a seed run keeps what "
+        "it learnt; `false`: from the bare base each night")
     corefbot_nightly_min_new_labels: int = Field(
         _JOB.min_new_labels, description="fewer new or changed labels since the last trained run: skip with a note")
     corefbot_nightly_margin: float = Field(_JOB.margin, description="test-split F1 gain needed to promote")
