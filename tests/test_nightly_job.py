@@ -328,7 +328,7 @@ def test_the_candidate_continues_the_served_adapter_only_from_the_same_base(tmp_
         return run
 
     base = SimpleNamespace(gguf=tmp_path / "base.gguf", gguf_sha256="abc", hf_dir=Path("/cache/hf"))
-    preset = load_preset("nightly-cpu")  # r 16, alpha 32, the top 12 layers
+    preset = load_preset("nightly-cpu", lora_layers=12)  # r 16, alpha 32, the top 12 layers
     state = _State(started_at=0.0, trigger="test")
     seed = trained_run("seed", "abc", list(range(0, 24)))
     cfg = _continuing(preset, seed, base, state)
@@ -343,3 +343,12 @@ def test_the_candidate_continues_the_served_adapter_only_from_the_same_base(tmp_
     assert _continuing(preset, trained_run("other", "xyz", None), base, state) == preset
     assert _continuing(preset, tmp_path, base, state) == preset
     assert _continuing(preset, None, base, state) == preset and state.continued == ""
+
+
+def test_the_summary_says_how_many_test_questions_were_measured() -> None:
+    from corefbot.models.ship.nightly import _State, _trained_sentence
+
+    state = _State(started_at=0.0, trigger="cli", sides=(428, 0, 72), evaluated=60, f1_before=0.9, f1_after=0.95)
+    assert "on 60 of 72 held-out test questions" in _trained_sentence(state, NightlyConfig(), "nightly-cpu", Path("b"))
+    state.evaluated = 72
+    assert "on 72 held-out test questions" in _trained_sentence(state, NightlyConfig(), "nightly-cpu", Path("b"))

@@ -275,6 +275,7 @@ class _State:
     new_labels: int = 0
     needs: int = 0
     sides: tuple[int, int, int] = (0, 0, 0)
+    evaluated: int = 0  # test questions both F1 figures were measured on (the preset may cap the split)
     label_cutoff: float | None = None
     serving_id: int | None = None
     baseline: str = ""
@@ -406,6 +407,7 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
     split, _ = run_split(run_dir)  # the run's own split, checked against its manifest
     state.sides = (len(split.train), len(split.validation), len(split.test))
     test = subset(split.test, cfg.eval_max_examples)
+    state.evaluated = len(test)
     from corefbot.models.serve.llama import DEFAULT_ROUTE
 
     if base_model.gguf is not None and DEFAULT_ROUTE == "adapter":
@@ -664,11 +666,12 @@ def _metrics(finetune_metrics: dict, state: _State) -> dict[str, Any]:
 
 def _trained_sentence(state: _State, config: NightlyConfig, preset: str, base: Path) -> str:
     train, _, test = state.sides
+    measured = f"{state.evaluated} of {test}" if 0 < state.evaluated < test else f"{test}"
     minutes = state.seconds.get("train", 0.0) / 60
     continued = f", continuing {Path(state.continued).name}'s adapter" if state.continued else ""
     return (f"Nightly retrain ({config.trigger}): {state.labels} labels ({state.new_labels} new, "
             f"{state.needs} needing resolution); LoRA on {base.name} ({preset} preset{continued}) trained on {train} "
-            f"examples in {minutes:.1f} min{state.budget_stop}; on {test} held-out test questions {state.compared}, decision F1 "
+            f"examples in {minutes:.1f} min{state.budget_stop}; on {measured} held-out test questions {state.compared}, decision F1 "
             f"{_pct(state.f1_before)} ({state.baseline}) → {_pct(state.f1_after)} "
             f"({_signed_points((state.f1_after or 0) - (state.f1_before or 0))} points; "
             f"promotion needs {_signed_points(config.margin)}).")
