@@ -66,7 +66,7 @@ class SeedSet:
 SEED_SETS: tuple[SeedSet, ...] = (
     SeedSet("task", "task_gecor.jsonl", "en", lambda r: r.get("split") != "train", 500),
     SeedSet("canard", "canard_dev.jsonl", "en", _canard_held, 250),
-    SeedSet("rewrite_zh", "rewrite_zh_train.jsonl", "zh", _rewrite_held, 1000),
+    SeedSet("rewrite_zh", "rewrite_zh_train.jsonl", "zh", _rewrite_held, 3000),
     SeedSet("cases_en", "cases/en_cases.jsonl", "en", lambda r: r.get("split") == "test", None),
     SeedSet("topics_en", "cases/en_topics.jsonl", "en", lambda r: r.get("split") == "test", None),
     SeedSet("cases_zh", "cases/zh_cases.jsonl", "zh", lambda r: r.get("split") == "test", None),
