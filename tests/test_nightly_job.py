@@ -180,8 +180,10 @@ def test_nightly_end_to_end_promote_skip_refuse_and_crash(tmp_path: Path, tiny_h
     assert third.status == "rejected" and third.new_labels == 1
     assert third.baseline == f"serving v{serving.id}"  # evaluated from its run folder on tonight's test split
     # …and the candidate trained on from its adapter, not from the bare base
-    assert Path(third.continued) == Path(serving.run_dir) and f"continuing {Path(serving.run_dir).name}'s" in third.summary
-    assert Path(yaml.safe_load((Path(third.run_dir) / "config.yaml").read_text())["init_adapter"]) == Path(serving.run_dir)
+    assert Path(third.continued) == Path(serving.run_dir)
+    assert f"continuing {Path(serving.run_dir).name}'s" in third.summary
+    trained = yaml.safe_load((Path(third.run_dir) / "config.yaml").read_text())
+    assert Path(trained["init_adapter"]) == Path(serving.run_dir)
     assert "Not promoted" in third.summary and f"Serving v{serving.id}, unchanged" in third.summary
     assert read(db, registry.serving).id == serving.id and sha(serving.gguf_path) == serving_sha
     rejected = read(db, lambda s: registry.get(s, third.version_id))

@@ -64,7 +64,7 @@ class NightlyConfig:
     base_model: Path | None = None  # Hugging Face folder of the base model (COREFBOT_BASE_MODEL)
     # What the bot serves while the registry has no serving version (COREFBOT_MODEL_PATH): the baseline then.
     model_path: Path | None = None
-    continue_served: bool = True  # the candidate continues the served run's adapter (same base) instead of starting over
+    continue_served: bool = True  # the candidate continues the served run's adapter (same base), not the bare base
     work_dir: Path | None = None  # run folders and the lock; default: "nightly" beside the database
     preset: str = "paper"  # finetune preset name or YAML path
     finetune_overrides: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"max_steps": 200}
@@ -296,7 +296,8 @@ class _State:
             new_labels=self.new_labels, needs=self.needs, train=self.sides[0], validation=self.sides[1],
             test=self.sides[2], baseline=self.baseline, continued=self.continued, serving_before=self.serving_id,
             f1_before=self.f1_before, f1_after=self.f1_after, margin=margin, version_id=self.version_id,
-            gguf_path=self.gguf_path, agreement=self.agreement, failed_step=self.step if status == "failed" else "", error=error,
+            gguf_path=self.gguf_path, agreement=self.agreement, failed_step=self.step if status == "failed" else "",
+            error=error,
             seconds=dict(self.seconds))
 
 
@@ -671,8 +672,8 @@ def _trained_sentence(state: _State, config: NightlyConfig, preset: str, base: P
     continued = f", continuing {Path(state.continued).name}'s adapter" if state.continued else ""
     return (f"Nightly retrain ({config.trigger}): {state.labels} labels ({state.new_labels} new, "
             f"{state.needs} needing resolution); LoRA on {base.name} ({preset} preset{continued}) trained on {train} "
-            f"examples in {minutes:.1f} min{state.budget_stop}; on {measured} held-out test questions {state.compared}, decision F1 "
-            f"{_pct(state.f1_before)} ({state.baseline}) → {_pct(state.f1_after)} "
+            f"examples in {minutes:.1f} min{state.budget_stop}; on {measured} held-out test questions {state.compared}, "
+            f"decision F1 {_pct(state.f1_before)} ({state.baseline}) → {_pct(state.f1_after)} "
             f"({_signed_points((state.f1_after or 0) - (state.f1_before or 0))} points; "
             f"promotion needs {_signed_points(config.margin)}).")
 
