@@ -78,7 +78,7 @@ def config_from(args: argparse.Namespace) -> Any:
     return NightlyConfig(
         base_model=Path(base).expanduser() if base else None, work_dir=Path(work).expanduser() if work else None,
         preset=pick(args.preset, settings.corefbot_nightly_preset),
-        model_path=Path(args.model or served).expanduser() if (args.model or served) else None,
+        model_path=Path(model).expanduser() if (model := pick(args.model, served)) else None,
         continue_served=settings.corefbot_nightly_continue and not args.from_base,
         min_new_labels=pick(args.min_new_labels, settings.corefbot_nightly_min_new_labels),
         margin=pick(args.margin, settings.corefbot_nightly_margin),

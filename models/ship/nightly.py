@@ -540,6 +540,11 @@ def _configured_model(config: NightlyConfig) -> Path | None:
     return path.resolve()
 
 
+def _is_run_folder(path: Path) -> bool:
+    """A finetune run folder: its adapter and the config it was trained with (base, rank, layers)."""
+    return (path / "adapter").is_dir() and (path / "config.yaml").is_file()
+
+
 def _served_run(serving: Any, configured: Path | None) -> Path | None:
     """The run folder behind what the bot serves (its adapter may be continued), if there is one."""
     if serving is not None:
@@ -552,14 +557,9 @@ def _continuing(cfg: Any, run_dir: Path | None, base_model: Any, state: _State) 
     layers kept, widened to the preset's layers when it asks for more); else ``cfg`` unchanged, from the base."""
     import yaml
 
-    from corefbot.models.train.finetune import adapter_folder
-
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
+    if run_dir is None or not _is_run_folder(run_dir):
         return cfg
-    try:
-        folder = adapter_folder(run_dir)
-    except FileNotFoundError:
-        return cfg
+    folder = run_dir / "adapter"
     trained = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     if base_model.gguf is not None:
         same = trained.get("base_gguf_sha256") == base_model.gguf_sha256
@@ -629,8 +629,8 @@ def _baseline_f1(serving: Any, configured: Path | None, base: Path, test: list, 
             del model
 
     run_dir = Path(serving.run_dir) if serving is not None and serving.run_dir else None
-    ok = run_dir is not None and (run_dir / "adapter").is_dir() and (run_dir / "config.yaml").is_file()
-    if configured is not None and not (configured / "adapter").is_dir():
+    ok = run_dir is not None and _is_run_folder(run_dir)
+    if configured is not None and not _is_run_folder(configured):
         log.warning("nightly: the configured model %s is not a run folder PyTorch can load; comparing with the "
                     "base model", configured)
         configured = None
