@@ -414,7 +414,7 @@ def _run(store: Any, work: Path, config: NightlyConfig, state: _State, on_step: 
     if base_model.gguf is not None and DEFAULT_ROUTE == "adapter":
         # The adapter route: the run folder serves (base GGUF + adapter.gguf), so both sides of the promotion
         # check are measured as served — the bot's resolver with each model's measured decide mode — and
-        # not by the HF letters, which a small model learns last (README, "Real Qwen").
+        # not by the HF letters, which a small model learns last (models/EXPERIMENTS.md).
         _step(state, "export", on_step)
         t = time.perf_counter()
         quant, served_path, size_bytes, record = _export_adapter(run_dir, config, result.metrics, state)

@@ -101,12 +101,12 @@ class FinetuneConfig:
     # Also train, for each question that needs nothing, the question itself as the line after the "needs"
     # letter (the letter not in the loss). Deciding by the rewrite forces that letter and reads the line:
     # trained on rewrites only, a model learned that the line after it always changes the question, and
-    # rewrote self-contained questions with words from the chat (README, "Real Qwen").
+    # rewrote self-contained questions with words from the chat (models/EXPERIMENTS.md).
     copy_unneeded: bool = False
     # The option order of the training prompts. "balanced": shuffled so the right letter lands on A, B and C
     # equally often (the paper's setting; the model must read the options). "serve": always the order the
     # bot serves in (SERVE_ORDER), so the letter is a fixed class token: after a CPU sitting of ~300 steps
-    # a balanced-order adapter still answered by position (README, "Real Qwen"). Evaluation over all six
+    # a balanced-order adapter still answered by position (models/EXPERIMENTS.md). Evaluation over all six
     # orders then measures how much the model relies on that position.
     option_orders: OptionOrders = "balanced"
 
