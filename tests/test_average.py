@@ -98,9 +98,9 @@ def test_runs_that_cannot_be_averaged_are_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         average_runs([a, tmp_path], tmp_path / "x")
     c = fake_run(tmp_path / "c", r=4, alpha=4, seed=3)
-    cfg = json.loads((c / "adapter" / "adapter_config.json").read_text())
-    (c / "adapter" / "adapter_config.json").write_text(json.dumps(dict(cfg, layers_to_transform=[1])))
-    with pytest.raises(ValueError, match="layers_to_transform"):
+    weights = c / "adapter" / "adapter_model.safetensors"
+    save_file({k.replace("layers.0.", "layers.1."): v for k, v in load_file(str(weights)).items()}, str(weights))
+    with pytest.raises(ValueError, match="other modules or layers .*layers.1"):
         average_runs([a, c], tmp_path / "x")
     with pytest.raises(ValueError, match="rank 9"):
         average_runs([a, fake_run(tmp_path / "d", r=4, alpha=4, seed=4)], tmp_path / "x", rank=9)
@@ -110,3 +110,16 @@ def test_runs_that_cannot_be_averaged_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="already exists"):
         average_runs([a, tmp_path / "d"], tmp_path / "a")
     assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_layers_listed_one_by_one_and_every_layer_are_the_same_adapter(tmp_path: Path) -> None:
+    # `--lora-layers 24` on a 24-layer model saved [0 … 23]; the preset saves None (every layer): the same tensors.
+    listed = fake_run(tmp_path / "listed", r=4, alpha=8, seed=1)
+    every = fake_run(tmp_path / "every", r=4, alpha=8, seed=2)
+    cfg = json.loads((every / "adapter" / "adapter_config.json").read_text())
+    (every / "adapter" / "adapter_config.json").write_text(json.dumps(dict(cfg, layers_to_transform=None)))
+    out = average_runs([listed, every], tmp_path / "avg", rank=0).out
+    for layer in LAYERS:
+        want = (delta(listed, layer) + delta(every, layer)) / 2
+        assert torch.allclose(delta(out, layer), want, atol=1e-5)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] is None

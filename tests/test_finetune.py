@@ -304,8 +304,17 @@ def test_a_further_sitting_can_add_layers(tiny_hf: Path, tmp_path: Path) -> None
     assert bottom.abs().sum() > 0  # the added layer learned too
 
     wide.model.save_pretrained(tmp_path / "wide" / "adapter")
-    with pytest.raises(ValueError, match=r"layers \[0, 1\].*asks for .*layers \[1\]"):
+    assert wide.model.peft_config["default"].layers_to_transform is None  # every layer: the preset's adapter
+    with pytest.raises(ValueError, match=r"layers all.*asks for .*layers \[1\]"):
         setup(tiny_hf, config.replace(lora_layers=1, init_adapter=str(tmp_path / "wide")))
+
+    # A run that listed every layer one by one (as `--lora-layers 24` saved them) continues as the preset's adapter.
+    saved = tmp_path / "wide" / "adapter" / "adapter_config.json"
+    saved.write_text(json.dumps(dict(json.loads(saved.read_text()), layers_to_transform=[0, 1])))
+    again = setup(tiny_hf, config.replace(lora_layers=None, init_adapter=str(tmp_path / "wide")))
+    assert again.model.peft_config["default"].layers_to_transform is None
+    assert response_losses(again.model, again.tokenizer, items) == pytest.approx(
+        response_losses(wide.model, wide.tokenizer, items), rel=1e-4)
 
 
 @pytest.mark.slow

@@ -113,5 +113,5 @@ def test_seed_from_a_gguf_base_ends_servable_with_figures_as_served(tiny_gguf: P
     config = yaml.safe_load((again / "config.yaml").read_text())
     assert config["init_adapter"] == str(run.resolve()) and config["learning_rate"] == 1e-4
     adapter = json.loads((again / "adapter" / "adapter_config.json").read_text())
-    assert config["lora_layers"] == 2 and adapter["layers_to_transform"] == [0, 1]
+    assert config["lora_layers"] == 2 and adapter["layers_to_transform"] is None  # both layers: every layer
     assert (again / "seed-data" / "heldout-task.jsonl").read_text() == (run / "seed-data" / "heldout-task.jsonl").read_text()

@@ -87,7 +87,9 @@ def average_runs(runs: Sequence[str | Path], out: str | Path, *, rank: int | Non
     bases = {c.get("base_gguf_sha256") or c.get("base") for c in run_cfgs}
     if len(bases) > 1:
         raise ValueError(f"runs {', '.join(map(str, paths))} were trained from different bases ({sorted(map(str, bases))})")
-    for key in ("target_modules", "layers_to_transform", "peft_type"):
+    # Which layers are adapted is compared by the tensors below, not by layers_to_transform: a run that listed
+    # all 24 layers (`--lora-layers 24`) and one that left it unset (every layer) are the same adapter.
+    for key in ("target_modules", "peft_type"):
         values = [sorted(c.get(key) or []) if isinstance(c.get(key), list) else c.get(key) for c in cfgs]
         if any(v != values[0] for v in values):
             raise ValueError(f"runs differ in the adapter's {key} ({values}); only adapters of the same layers average")
@@ -98,7 +100,8 @@ def average_runs(runs: Sequence[str | Path], out: str | Path, *, rank: int | Non
     names = set(tensors[0])
     for p, t in zip(paths[1:], tensors[1:]):
         if set(t) != names:
-            raise ValueError(f"{p}: its adapter has other tensors than {paths[0]}'s")
+            odd = sorted(set(t) - names) or sorted(names - set(t))
+            raise ValueError(f"{p}: its adapter adapts other modules or layers than {paths[0]}'s (e.g. {odd[0]})")
 
     stacked = sum(int(c["r"]) for c in cfgs)
     keep = stacked if rank == 0 else (rank or max(int(c["r"]) for c in cfgs))

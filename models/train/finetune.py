@@ -259,7 +259,9 @@ def setup(base: str | Path, config: FinetuneConfig) -> Session:
     if config.lora_layers:
         if not 0 < config.lora_layers <= n_all:
             raise ValueError(f"lora_layers must be between 1 and {n_all} for {base}, got {config.lora_layers}")
-        layers = list(range(n_all - config.lora_layers, n_all))
+        # Every layer is the default adapter (layers None), so `--lora-layers N` with N the model's depth trains
+        # the same adapter as the preset and its runs average and continue with the preset's.
+        layers = list(range(n_all - config.lora_layers, n_all)) if config.lora_layers < n_all else None
     targets: str | list[str] = (list(config.target_modules) if isinstance(config.target_modules, tuple)
                                 else config.target_modules)
     if layers is not None and targets == "all-linear":
@@ -278,15 +280,16 @@ def setup(base: str | Path, config: FinetuneConfig) -> Session:
         folder = adapter_folder(config.init_adapter)
         saved = json.loads((folder / "adapter_config.json").read_text())
         have = (saved.get("r"), saved.get("lora_alpha"), saved.get("layers_to_transform"))
-        widens = have[2] is not None and have[2] != layers and set(have[2]) <= set(layers or range(n_all))
-        if have[:2] != (config.lora_r, config.lora_alpha) or (have[2] != layers and not widens):
-            raise ValueError(f"{folder}: the adapter has r {have[0]}, alpha {have[1]}, layers {have[2]}; the "
-                             f"{config.preset} config asks for r {config.lora_r}, alpha {config.lora_alpha}, "
-                             f"layers {layers}: continue it with the preset it was trained with (or one "
+        have_layers, want_layers = set(have[2] or range(n_all)), set(layers or range(n_all))
+        if have[:2] != (config.lora_r, config.lora_alpha) or not have_layers <= want_layers:
+            raise ValueError(f"{folder}: the adapter has r {have[0]}, alpha {have[1]}, layers {have[2] or 'all'}; "
+                             f"the {config.preset} config asks for r {config.lora_r}, alpha {config.lora_alpha}, "
+                             f"layers {layers or 'all'}: continue it with the preset it was trained with (or one "
                              "that adds layers)")
-        if widens:
+        if have[2] != layers:
             # More layers than the saved adapter: its weights where it has them, fresh LoRA (B = 0, so the
-            # same function at the start) on the layers it adds.
+            # same function at the start) on the layers it adds. (Or the same layers listed one by one, as
+            # `--lora-layers 24` once saved them: loaded the same way, so the new run's config is the preset's.)
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
@@ -295,7 +298,8 @@ def setup(base: str | Path, config: FinetuneConfig) -> Session:
             if loaded.unexpected_keys:
                 raise ValueError(f"{folder}: {len(loaded.unexpected_keys)} adapter weights match no module of the "
                                  f"new adapter (e.g. {loaded.unexpected_keys[0]})")
-            log.info("widened %s from layers %s to %s", folder, have[2], layers or "all")
+            if have_layers != want_layers:
+                log.info("widened %s from layers %s to %s", folder, have[2], layers or "all")
         else:
             model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     else:
