@@ -282,7 +282,12 @@ async def test_swap_model_under_load_keeps_every_request_and_closes_the_old_mode
         for i in range(6):
             ask(i)
         await recorder.flush()
-        await asyncio.sleep(0.05)  # let the first resolutions start on the old model
+        # Let the first resolutions start on the old model: polled, as a loaded machine (CI installing beside
+        # it) can take longer than a fixed pause, and finely, as each tiny-model resolution is short.
+        for _ in range(1000):
+            if service._in_use[id(old)] > 0:
+                break
+            await asyncio.sleep(0.005)
         assert service._in_use[id(old)] > 0  # the swap below really happens under load
         await service.swap_model(second)  # returns once the old model has finished and is closed
         assert service.resolver is not old and str(service.resolver.backend.model_path) == str(second)
