@@ -168,7 +168,7 @@ def _default_threads() -> int:
 
 #: What a finetune run folder serves when it has both: the base GGUF + the run's GGUF LoRA ("adapter",
 #: no second quantization, a small file per version) or the merged-and-requantized model ("merged").
-#: Chosen by measurement (README, "Real Qwen"): both routes on the same test split.
+#: Chosen by measurement (models/EXPERIMENTS.md): both routes on the same test split.
 DEFAULT_ROUTE: Literal["adapter", "merged"] = "adapter"
 MERGED_PREFERENCE = ("model-q4_k_m.gguf", "model-q8_0.gguf")
 RUN_ADAPTER = "adapter.gguf"

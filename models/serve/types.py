@@ -14,11 +14,11 @@ BACKENDS: tuple[BackendName, ...] = ("rules", "llama-cpp", "http")
 #: the model rewrites every question after the "needs" letter and the question needs resolution exactly when its
 #: rewrite adds a content word (or Chinese character) to it (:func:`~corefbot.models.serve.validate.adds_content`;
 #: a rewrite that only drops a 「那」 or reorders was the most common false "needs" on zh topics). Measured on the
-#: seed recipe's held-out sets, a fine-tuned 0.5B rewrites well long before its letters carry the decision (README,
-#: "Real Qwen"); the price is a rewrite's generation time on every question (a question the model copies costs one
-#: batch, see ``llama.LlamaBackend._generate_line``). ``probs`` (and so the margin the labels plugin asks and
-#: queues by) follow the mode: the letters', or in rewrite mode the probability that the model copies the question
-#: as it is ("not_needed") and the rest ("needs").
+#: seed recipe's held-out sets, a fine-tuned 0.5B rewrites well long before its letters carry the decision
+#: (models/EXPERIMENTS.md); the price is a rewrite's generation time on every question (a question the model
+#: copies costs one batch, see ``llama.LlamaBackend._generate_line``). ``probs`` (and so the margin the labels
+#: plugin asks and queues by) follow the mode: the letters', or in rewrite mode the probability that the model
+#: copies the question as it is ("not_needed") and the rest ("needs").
 DecideBy = Literal["letter", "rewrite"]
 #: "auto": the mode a run folder's ``decide.json`` names (written by ``corefbot export-lora`` and the nightly job:
 #: the letters unless the rewrite is clearly better); "letter" for a bare GGUF or a run folder without it.

@@ -92,7 +92,7 @@ def average_runs(runs: Sequence[str | Path], out: str | Path, *, rank: int | Non
     for key in ("target_modules", "peft_type"):
         values = [sorted(c.get(key) or []) if isinstance(c.get(key), list) else c.get(key) for c in cfgs]
         if any(v != values[0] for v in values):
-            raise ValueError(f"runs differ in the adapter's {key} ({values}); only adapters of the same layers average")
+            raise ValueError(f"runs differ in the adapter's {key} ({values}); only adapters of the same kind average")
     for p, c in zip(paths, cfgs):
         if c.get("use_dora") or c.get("use_rslora"):
             raise ValueError(f"{p}: only plain LoRA adapters average (DoRA / rsLoRA scale differently)")
