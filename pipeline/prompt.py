@@ -34,8 +34,9 @@ ALL_ORDERS: tuple[Order, ...] = tuple(itertools.permutations(DECISIONS))  # type
 SERVE_ORDER: Order = DECISIONS  # type: ignore[assignment]
 
 # The served prompt is paid on every training example and every cold call, so it is as short as it can
-# be while saying the same thing: with Qwen2.5's tokenizer the previous wording cost 414 tokens for an
-# 11-message window (about 150 of them instruction); `corefbot bench prompt` prints today's count.
+# be while saying the same thing: with Qwen2.5's tokenizer the previous wording cost 409 tokens for an
+# 11-message window (162 of them instruction, 88 now; `corefbot bench prompt` prints today's count), and
+# fine-tuned for the same time on 2 cores it decided worse (models/EXPERIMENTS.md, `pshort` against `plong`).
 SYSTEM = "You resolve references in group-chat questions."
 
 HEADER = (
