@@ -18,7 +18,7 @@ COMMAND_MODULES = [
     "corefbot.commands.train",  # train, export-gguf, scaling-check
     "corefbot.commands.models_cmd",  # make-model
     "corefbot.commands.nightly",  # nightly --now (the nightly retraining job)
-    "corefbot.commands.eval",  # eval (resolver backends on labelled data)
+    "corefbot.commands.eval",  # eval, eval-compare (resolver backends on labelled data)
     "corefbot.commands.config",  # config (every COREFBOT_* setting)
     "corefbot.commands.questions",  # eval-questions (the question filter on real inquiries / labelled lines)
 ]

@@ -3,6 +3,7 @@ Matthews correlation, Cohen's kappa, and rewrite exact match / token F1 (charact
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -104,6 +105,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     k = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[k]
+
+
+def bootstrap_mean_ci(values: Sequence[float], level: float = 0.95, resamples: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (the same seed gives the same interval). On a set
+    of 60 questions a rewrite gain of +0.08 may well be +0.10 or +0.05 on the next 60: this says how far."""
+    if not values:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    tail = (1 - level) / 2
+    return (means[int(tail * (resamples - 1))], means[round((1 - tail) * (resamples - 1))])
 
 
 def best_mcc_threshold(scored: Sequence[tuple[float, bool]]) -> float:

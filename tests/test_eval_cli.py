@@ -50,6 +50,54 @@ def test_rules_beat_the_pronoun_baseline_on_held_out_chinese(tmp_path: Path, cap
     assert gate["gate"]["specificity"] >= 0.5
 
 
+def test_rows_hold_every_question_and_add_up_to_the_report(tmp_path: Path) -> None:
+    rows_path = tmp_path / "rows.jsonl"
+    report = run_eval(tmp_path, "--backend", "rules", "--split", "test", "--rows", str(rows_path), str(ZH))
+    rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines()]
+    examples = load_unified(ZH, split="test")
+    assert [r["id"] for r in rows] == [e.id for e in examples]
+    # Paired per question, the rows give back the report's figures: what a comparison of two runs stands on.
+    assert sum(r["gold"] == "needs" and r["decision"] == "needs" for r in rows) == report["decision"]["tp"]
+    assert sum(r["gold"] == "not_needed" and r["decision"] == "needs" for r in rows) == report["decision"]["fp"]
+    scored = [r for r in rows if r["token_f1"] is not None]
+    assert len(scored) == report["rewrite"]["n"]
+    assert sum(r["token_f1"] for r in scored) / len(scored) == pytest.approx(report["rewrite"]["token_f1"])
+    assert sum(r["exact_match"] for r in scored) / len(scored) == pytest.approx(report["rewrite"]["exact_match"])
+    assert all(r["token_f1"] is None for r in rows if r["gold"] == "not_needed")
+
+
+def test_eval_compare_pairs_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    reports = {}
+    for backend in ("rules", "pronoun"):
+        reports[backend] = run_eval(tmp_path, "--backend", backend, "--split", "test",
+                                    "--rows", str(tmp_path / f"{backend}.jsonl"), str(ZH))
+    out = tmp_path / "cmp.json"
+    assert main(["eval-compare", str(tmp_path / "rules.jsonl"), str(tmp_path / "pronoun.jsonl"), "--report", str(out)]) == 0
+    assert "McNemar" in capsys.readouterr().out
+    c = json.loads(out.read_text(encoding="utf-8"))
+    right = {b: r["decision"]["tp"] + r["decision"]["tn"] for b, r in reports.items()}
+    # What each got right alone is the whole difference in questions decided right.
+    assert c["only_a_decided_right"] - c["only_b_decided_right"] == right["rules"] - right["pronoun"] > 0
+    assert c["paired"] == reports["rules"]["n"] and c["rewrites"] == reports["rules"]["rewrite"]["n"]
+    assert c["a_token_f1"] == pytest.approx(reports["rules"]["rewrite"]["token_f1"])
+    assert c["b_token_f1"] == pytest.approx(reports["pronoun"]["rewrite"]["as_asked_token_f1"])  # it forwards as asked
+    assert c["a_closer"] > c["b_closer"] and 0 < c["decision_p"] < 0.05
+    assert len(c["a_only_ids"]) == c["only_a_decided_right"]
+
+
+def test_eval_compare_names_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"id": "x", "gold": "needs", "decision": "needs", "token_f1": 1.0, "exact_match": 1.0}\n')
+    b.write_text('{"id": "y", "gold": "needs", "decision": "needs", "token_f1": 1.0, "exact_match": 1.0}\nnot json\n')
+    assert main(["eval-compare", str(a), str(b)]) == 2
+    assert f"{b}:2" in capsys.readouterr().err
+    b.write_text('{"id": "y", "gold": "needs", "decision": "needs", "token_f1": 1.0, "exact_match": 1.0}\n')
+    assert main(["eval-compare", str(a), str(b)]) == 2
+    assert "share no question id" in capsys.readouterr().err
+    assert main(["eval-compare", str(a), str(tmp_path / "none.jsonl")]) == 2
+    assert "rows file not found" in capsys.readouterr().err
+
+
 def test_alpaca_export_is_read_too(tmp_path: Path) -> None:
     examples = load_unified(ZH, split="test")[:20]
     path = tmp_path / "alpaca.json"

@@ -334,6 +334,18 @@ def test_best_mcc_threshold_reaches_low_scores_and_stays_near_half_on_ties() -> 
     assert loo == [True, True, False, False, False]
 
 
+def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_values() -> None:
+    from corefbot.pipeline.metrics import bootstrap_mean_ci
+
+    few = [0.0, 0.1, 0.3, 0.0, 0.2] * 4
+    many = few * 25
+    lo, hi = bootstrap_mean_ci(few)
+    assert lo < sum(few) / len(few) < hi and bootstrap_mean_ci(few) == (lo, hi)  # seeded: the same interval
+    mlo, mhi = bootstrap_mean_ci(many)
+    assert lo < mlo < mhi < hi  # 25 times the questions: a narrower interval around the same mean
+    assert bootstrap_mean_ci([0.5] * 10) == (0.5, 0.5) and bootstrap_mean_ci([]) == (0.0, 0.0)
+
+
 def test_mcnemar_p_is_exact_symmetric_and_one_without_disagreements() -> None:
     from corefbot.pipeline.metrics import mcnemar_p
 

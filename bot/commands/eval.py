@@ -1,4 +1,5 @@
-"""``corefbot eval``: decision/rewrite/gate/latency figures of a resolver backend on labelled data."""
+"""``corefbot eval``: decision/rewrite/gate/latency figures of a resolver backend on labelled data;
+``corefbot eval-compare``: two runs' ``--rows`` paired question by question."""
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decide-by", choices=get_args(DecideSetting),
                    help="how llama-cpp decides (default COREFBOT_DECIDE_BY, else auto: a run folder's measured mode)")
     p.add_argument("--report", metavar="OUT.json", help="write the full report as JSON")
+    p.add_argument("--rows", metavar="OUT.jsonl",
+                   help="write every question's decision and forwarded text, one JSON line each as it is answered")
     p.set_defaults(func=run)
+
+    p = sub.add_parser("eval-compare", help="pair two `eval --rows` files: decisions and rewrites only one run got right")
+    p.add_argument("a", metavar="A.jsonl")
+    p.add_argument("b", metavar="B.jsonl")
+    p.add_argument("--report", metavar="OUT.json", help="write the comparison as JSON")
+    p.set_defaults(func=run_compare)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(examples, args.backend, gate=not args.no_gate, model_path=model,
                       url=args.url or cfg.corefbot_resolver_url, http_model=args.http_model or cfg.corefbot_resolver_model,
                       api_key=args.api_key or cfg.corefbot_resolver_key, n_threads=args.threads or cfg.corefbot_resolver_threads,
-                      gate_path=args.gate or cfg.corefbot_gate_path, decide_by=args.decide_by or cfg.corefbot_decide_by)
+                      gate_path=args.gate or cfg.corefbot_gate_path, decide_by=args.decide_by or cfg.corefbot_decide_by,
+                      rows=args.rows)
     report["data"] = str(args.data)
     report["split"] = args.split
     for line in summary_lines(report):
@@ -51,4 +61,20 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"report written to {args.report}")
+    if args.rows:
+        print(f"rows written to {args.rows}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from corefbot.models.train.eval_compare import compare, read_rows, summary_lines
+
+    result = compare(read_rows(args.a), read_rows(args.b))
+    for line in summary_lines(result, Path(args.a).stem, Path(args.b).stem):
+        print(line)
+    if args.report:
+        Path(args.report).write_text(json.dumps(asdict(result), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"comparison written to {args.report}")
     return 0

@@ -6,14 +6,19 @@ Backends evaluated:
 - ``gate``: the gate alone as the decision ("needs" = sent to the model), the recall/skip trade-off;
 - ``pronoun``: the plain pronoun-list baseline (it/they/this/that…; 它/他/这/那…) that ``rules`` must beat.
 
+``rows`` (``--rows OUT.jsonl``) writes every question's outcome, one JSON line each and as it is measured, so a long
+run interrupted keeps what it measured and two runs can be paired question by question (the report keeps only the
+first ``MAX_MISTAKES`` mistakes).
+
 Figures (fractions 0–1): decision precision/recall/F1 (positive = needs resolution, as in the paper),
 Matthews correlation, the confusion matrix; rewrite exact match and token F1 of the forwarded text
 against the gold rewrite over the gold-needs rows (characters for Chinese; a question forwarded as
-asked scores what it shares with the gold); the gate's recall, skip rate and specificity; latency
+asked scores what it shares with the gold) and a bootstrap interval of the gain over the question as asked; the gate's recall, skip rate and specificity; latency
 p50/p95 per question, gate included.
 """
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from corefbot.pipeline.metrics import Confusion, exact_match, percentile, token_f1
+from corefbot.pipeline.metrics import Confusion, bootstrap_mean_ci, exact_match, percentile, token_f1
 from corefbot.pipeline.records import Decision, Example
 
 log = logging.getLogger(__name__)
@@ -102,6 +107,19 @@ def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: st
     return predict, resolver.close
 
 
+def row_record(e: Example, o: Outcome) -> dict[str, Any]:
+    """One question's outcome for ``--rows``: what was decided and forwarded, next to the gold. The rewrite scores
+    are those :func:`score` averages, present where it counts the row (gold needs, with a gold rewrite)."""
+    scored = e.label == "needs" and bool(e.rewrite)
+    return {"id": e.id, "lang": e.lang, "question": e.question.text, "gold": e.label, "decision": o.decision,
+            "sent_to_model": o.sent_to_model, "forwarded": o.forwarded, "gold_rewrite": e.rewrite,
+            "refused_rewrite": o.rejected_rewrite,
+            "exact_match": exact_match(o.forwarded, e.rewrite or "") if scored else None,
+            "token_f1": token_f1(o.forwarded, e.rewrite or "") if scored else None,
+            "as_asked_token_f1": token_f1(e.question.text, e.rewrite or "") if scored else None,
+            "latency_ms": round(o.latency_ms, 1), "error": o.error}
+
+
 def score(examples: Sequence[Example], outcomes: Sequence[Outcome]) -> dict[str, Any]:
     """The report's figures for paired examples and outcomes."""
     gold = [e.label == "needs" for e in examples]
@@ -115,6 +133,9 @@ def score(examples: Sequence[Example], outcomes: Sequence[Outcome]) -> dict[str,
         "token_f1": statistics.fmean(token_f1(o.forwarded, e.rewrite or "") for e, o in needs) if needs else 0.0,
         "changed": statistics.fmean(o.forwarded != e.question.text for e, o in needs) if needs else 0.0,
         "as_asked_token_f1": statistics.fmean(token_f1(e.question.text, e.rewrite or "") for e, _ in needs) if needs else 0.0,
+        # How far the gain over the question as asked could move on another sample of this size.
+        "gain_ci95": bootstrap_mean_ci([token_f1(o.forwarded, e.rewrite or "") - token_f1(e.question.text, e.rewrite or "")
+                                        for e, o in needs]),
         "rejected": sum(o.rejected for o in outcomes),
         # The harm a member sees on the other side: a self-contained question forwarded changed.
         "altered_not_needed": sum(e.label == "not_needed" and o.forwarded != e.question.text
@@ -165,9 +186,10 @@ def _div(a: float, b: float) -> float:
 def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = True, model_path: str | None = None,
              url: str | None = None, http_model: str = "default", api_key: str | None = None,
              n_threads: int | None = None, gate_path: str | Path | None = None, progress: bool = True,
-             decide_by: str = "auto") -> dict[str, Any]:
+             decide_by: str = "auto", rows: str | Path | None = None) -> dict[str, Any]:
     """Run ``backend`` over ``examples`` and return the report (see the module docstring). ``decide_by``:
-    how ``llama-cpp`` decides (``COREFBOT_DECIDE_BY``; ``auto`` as the bot does by default)."""
+    how ``llama-cpp`` decides (``COREFBOT_DECIDE_BY``; ``auto`` as the bot does by default). ``rows``: a JSONL
+    file that receives :func:`row_record` for each question as it is answered."""
     if backend not in EVAL_BACKENDS:
         raise ValueError(f"unknown eval backend {backend!r}; choose one of {', '.join(EVAL_BACKENDS)}")
     if not examples:
@@ -176,10 +198,18 @@ def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = 
 
     predict, close = _predictor(backend, gate=gate, model_path=model_path, url=url, http_model=http_model,
                                 api_key=api_key, n_threads=n_threads, gate_path=gate_path, decide_by=decide_by)
+    outcomes: list[Outcome] = []
+    out = open(rows, "w", encoding="utf-8") if rows else None
     try:
-        outcomes = [predict(e) for e in tqdm(examples, desc=f"eval {backend}", unit="q", disable=not progress)]
+        for e in tqdm(examples, desc=f"eval {backend}", unit="q", disable=not progress):
+            outcomes.append(predict(e))
+            if out:
+                out.write(json.dumps(row_record(e, outcomes[-1]), ensure_ascii=False) + "\n")
+                out.flush()
     finally:
         close()
+        if out:
+            out.close()
     report = score(examples, outcomes)
     report["backend"] = backend
     if backend == "llama-cpp":
@@ -218,6 +248,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"rewrite   EM {r['exact_match']:.3f}  token F1 {r['token_f1']:.3f}  (as asked {r['as_asked_token_f1']:.3f}, "
         f"changed {r['changed']:.3f}, rejected {r['rejected']}, n {r['n']}; "
         f"self-contained questions changed {r['altered_not_needed']})",
+        f"          token F1 over as asked {r['token_f1'] - r['as_asked_token_f1']:+.3f} "
+        f"(95% bootstrap interval {r['gain_ci95'][0]:+.3f} to {r['gain_ci95'][1]:+.3f})",
         *([f"rejected  {r['rejected_needs']} rewrites of gold-needs questions would have scored EM "
            f"{r['rejected_exact_match']:.3f}, token F1 {r['rejected_token_f1']:.3f} (forwarded as asked: "
            f"{r['rejected_as_asked_token_f1']:.3f})"] if r.get("rejected_needs") else []),
