@@ -1,5 +1,5 @@
 """Metrics shared by every evaluation: the paper's decision P/R/F1 (positive = needs resolution),
-Matthews correlation, Cohen's kappa, and rewrite exact match / token F1 (characters for Chinese)."""
+Matthews correlation, Cohen's kappa, and rewrite exact match / token F1 / restoration (characters for Chinese)."""
 from __future__ import annotations
 
 import math
@@ -96,6 +96,22 @@ def token_f1(pred: str, gold: str) -> float:
 
 def exact_match(pred: str, gold: str) -> bool:
     return tokens(pred) == tokens(gold)
+
+
+def restoration(pairs: Iterable[tuple[str, str, str]]) -> dict[str, float]:
+    """Restoration precision/recall/F1 (Pan et al. 2019) over ``(question, forwarded, gold rewrite)``: the tokens
+    a rewrite adds to the question, against those the gold adds, summed over the pairs. Token F1 of the whole
+    question is mostly the copied question; this scores only what resolves it (the named thing put back), so a
+    question forwarded as asked restores nothing and a wrong referent is a false addition."""
+    common = added = gold_added = 0
+    for question, forwarded, gold in pairs:
+        asked = Counter(tokens(question))
+        pred, want = Counter(tokens(forwarded)) - asked, Counter(tokens(gold)) - asked
+        common += sum((pred & want).values())
+        added += sum(pred.values())
+        gold_added += sum(want.values())
+    precision, recall = _div(common, added), _div(common, gold_added)
+    return {"precision": precision, "recall": recall, "f1": _div(2 * precision * recall, precision + recall)}
 
 
 def percentile(values: Sequence[float], q: float) -> float:

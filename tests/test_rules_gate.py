@@ -346,6 +346,21 @@ def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_values() -> Non
     assert bootstrap_mean_ci([0.5] * 10) == (0.5, 0.5) and bootstrap_mean_ci([]) == (0.0, 0.0)
 
 
+def test_restoration_scores_only_what_the_rewrite_adds() -> None:
+    from corefbot.pipeline.metrics import restoration
+
+    q, gold = "how to deploy it on TX2?", "how to deploy mmpose on TX2?"
+    assert restoration([(q, gold, gold)]) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    assert restoration([(q, q, gold)]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}  # as asked: nothing restored
+    wrong = restoration([(q, "how to deploy mmdet on TX2?", gold)])
+    assert wrong["recall"] == 0.0 and wrong["precision"] == 0.0
+    # Summed over pairs, characters for Chinese: "mmpose" and 可, 灵 put back, as the golds do.
+    both = restoration([(q, gold, gold), ("那个多少钱", "可灵 那个多少钱", "可灵多少钱")])
+    assert both["precision"] == pytest.approx(3 / 3) and both["recall"] == pytest.approx(3 / 3)
+    half = restoration([(q, "how to deploy mmpose v2 on TX2?", gold)])
+    assert half["precision"] == 0.5 and half["recall"] == 1.0
+
+
 def test_mcnemar_p_is_exact_symmetric_and_one_without_disagreements() -> None:
     from corefbot.pipeline.metrics import mcnemar_p
 

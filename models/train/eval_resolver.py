@@ -13,8 +13,9 @@ first ``MAX_MISTAKES`` mistakes).
 Figures (fractions 0–1): decision precision/recall/F1 (positive = needs resolution, as in the paper),
 Matthews correlation, the confusion matrix; rewrite exact match and token F1 of the forwarded text
 against the gold rewrite over the gold-needs rows (characters for Chinese; a question forwarded as
-asked scores what it shares with the gold) and a bootstrap interval of the gain over the question as asked; the gate's recall, skip rate and specificity; latency
-p50/p95 per question, gate included.
+asked scores what it shares with the gold), a bootstrap interval of the gain over the question as asked,
+and restoration P/R/F1 (what the rewrite added to the question against what the gold added); the gate's
+recall, skip rate and specificity; latency p50/p95 per question, gate included.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from corefbot.pipeline.metrics import Confusion, bootstrap_mean_ci, exact_match, percentile, token_f1
+from corefbot.pipeline.metrics import (Confusion, bootstrap_mean_ci, exact_match, percentile, restoration,
+                                       token_f1)
 from corefbot.pipeline.records import Decision, Example
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,7 @@ def score(examples: Sequence[Example], outcomes: Sequence[Outcome]) -> dict[str,
         # How far the gain over the question as asked could move on another sample of this size.
         "gain_ci95": bootstrap_mean_ci([token_f1(o.forwarded, e.rewrite or "") - token_f1(e.question.text, e.rewrite or "")
                                         for e, o in needs]),
+        "restoration": restoration((e.question.text, o.forwarded, e.rewrite or "") for e, o in needs),
         "rejected": sum(o.rejected for o in outcomes),
         # The harm a member sees on the other side: a self-contained question forwarded changed.
         "altered_not_needed": sum(e.label == "not_needed" and o.forwarded != e.question.text
@@ -249,7 +252,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"changed {r['changed']:.3f}, rejected {r['rejected']}, n {r['n']}; "
         f"self-contained questions changed {r['altered_not_needed']})",
         f"          token F1 over as asked {r['token_f1'] - r['as_asked_token_f1']:+.3f} "
-        f"(95% bootstrap interval {r['gain_ci95'][0]:+.3f} to {r['gain_ci95'][1]:+.3f})",
+        f"(95% bootstrap interval {r['gain_ci95'][0]:+.3f} to {r['gain_ci95'][1]:+.3f}); restoration "
+        f"P {r['restoration']['precision']:.3f} R {r['restoration']['recall']:.3f} F1 {r['restoration']['f1']:.3f}",
         *([f"rejected  {r['rejected_needs']} rewrites of gold-needs questions would have scored EM "
            f"{r['rejected_exact_match']:.3f}, token F1 {r['rejected_token_f1']:.3f} (forwarded as asked: "
            f"{r['rejected_as_asked_token_f1']:.3f})"] if r.get("rejected_needs") else []),
