@@ -19,6 +19,7 @@ recall, skip rate and specificity; latency p50/p95 per question, gate included.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import statistics
@@ -202,17 +203,15 @@ def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = 
     predict, close = _predictor(backend, gate=gate, model_path=model_path, url=url, http_model=http_model,
                                 api_key=api_key, n_threads=n_threads, gate_path=gate_path, decide_by=decide_by)
     outcomes: list[Outcome] = []
-    out = open(rows, "w", encoding="utf-8") if rows else None
-    try:
-        for e in tqdm(examples, desc=f"eval {backend}", unit="q", disable=not progress):
-            outcomes.append(predict(e))
-            if out:
-                out.write(json.dumps(row_record(e, outcomes[-1]), ensure_ascii=False) + "\n")
-                out.flush()
-    finally:
-        close()
-        if out:
-            out.close()
+    with open(rows, "w", encoding="utf-8") if rows else contextlib.nullcontext() as out:
+        try:
+            for e in tqdm(examples, desc=f"eval {backend}", unit="q", disable=not progress):
+                outcomes.append(predict(e))
+                if out:
+                    out.write(json.dumps(row_record(e, outcomes[-1]), ensure_ascii=False) + "\n")
+                    out.flush()
+        finally:
+            close()
     report = score(examples, outcomes)
     report["backend"] = backend
     if backend == "llama-cpp":
