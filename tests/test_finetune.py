@@ -142,42 +142,6 @@ def test_copy_unneeded_trains_the_question_after_the_needs_letter(tiny_hf: Path)
     assert result.losses[0].loss == pytest.approx(expected, rel=1e-3)
 
 
-def test_restore_weight_counts_the_referent_put_back(tiny_hf: Path) -> None:
-    """The rewrite tokens the question lacks ("mmpose" in "how to fix mmpose?" for "how to fix it?") are marked at
-    encoding, and fit() counts each restore_weight times: the first step's loss is that weighted mean."""
-    import torch
-    import torch.nn.functional as F
-
-    from corefbot.models.train.finetune import fit, setup
-
-    session = setup(tiny_hf, load_preset("tiny", max_steps=1, restore_weight=3.0, decision_weight=2.0))
-    tok = session.tokenizer
-    exs = chat_examples(8)
-    enc, _ = encode_examples(exs, tok, seed=1)
-    by_id = {x.id: x for x in exs}
-    for e in enc:
-        x = by_id[e.example_id]
-        pieces = [tok.decode([e.ids[i]]).strip() for i in e.restored]
-        if x.label == "needs":
-            topic = x.rewrite.removeprefix("how to fix ").removesuffix("?")
-            # Pieces of the topic that the question does not hold (a piece like "o" it does is weighted 1).
-            assert pieces and all(p in topic and p not in x.question.text for p in pieces)
-            assert min(e.restored) > e.n_prompt  # never the letter
-        else:
-            assert not e.restored  # only the letter: nothing put back
-
-    e = next(e for e in enc if e.restored)
-    ids = torch.tensor([e.ids])
-    with torch.no_grad():
-        logits = session.model(input_ids=ids).logits[0, :-1].float()
-    per_token = F.cross_entropy(logits, ids[0, 1:], reduction="none")[e.n_prompt - 1:]  # predicting ids[n_prompt:]
-    w = torch.ones_like(per_token)
-    w[0] = 2.0
-    w[[i - e.n_prompt for i in e.restored]] = 3.0
-    result = fit(session, [e] * 16, progress=False)
-    assert result.losses[0].loss == pytest.approx(float((w * per_token).sum() / w.sum()), rel=1e-3)
-
-
 def test_length_grouping_cuts_padding() -> None:
     rng = random.Random(0)
     lengths = [rng.randint(20, 1400) for _ in range(512)]

@@ -31,8 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-r", type=int)
     p.add_argument("--decision-weight", dest="decision_weight", type=float,
                    help="how many times the decision letter counts in the loss (default: the preset's)")
-    p.add_argument("--restore-weight", dest="restore_weight", type=float,
-                   help="how many times each rewrite token the question lacks counts in the loss (default: the preset's)")
     p.add_argument("--init-adapter", metavar="RUN_DIR",
                    help="continue training this run's adapter (its r and alpha; its layers or more) instead of a fresh one")
     p.add_argument("--copy-unneeded", dest="copy_unneeded", action="store_true", default=None,
@@ -176,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from corefbot.models.train.run import run
 
     overrides = {k: getattr(args, k) for k in (
-        "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "decision_weight", "restore_weight", "init_adapter", "copy_unneeded", "option_orders", "lora_layers", "loraplus_lr_ratio", "micro_batch_size",
+        "max_steps", "max_minutes", "sequence_len", "epochs", "learning_rate", "lora_r", "decision_weight", "init_adapter", "copy_unneeded", "option_orders", "lora_layers", "loraplus_lr_ratio", "micro_batch_size",
         "gradient_accumulation_steps", "eval_max_examples", "eval_base", "eval_rewrites", "device", "seed")}
     config = load_preset(args.preset, **overrides)
     result = run(args.base, args.data, args.out, config, select=args.select, keep=args.keep)

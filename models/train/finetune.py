@@ -94,10 +94,6 @@ class FinetuneConfig:
     # ~20 tokens behind it the letter is ~5% of the signal, and a short CPU run learned the rewrites while
     # its decisions stayed at chance; weighting the letter gives the decision a share of the gradient.
     decision_weight: float = 1.0
-    # How many times each rewrite token that the question does not hold counts in the loss: the referent put back
-    # ("mmpose" in "how to deploy mmpose on TX2?"). The rest of a rewrite is mostly the question copied, which a
-    # model learns first; 1.0 weighs every token alike.
-    restore_weight: float = 1.0
     # Continue training this adapter (a run folder or its adapter/ folder) instead of a fresh one: a second
     # epoch on a CPU, or a nightly run that starts from the promoted adapter. Its r, alpha and layers must
     # be this config's, so that the run folder's config.yaml stays true.
@@ -172,21 +168,6 @@ class Encoded:
     ids: tuple[int, ...]
     n_prompt: int
     letter_weight: float | None = None  # the answer's first token's weight; None: the config's decision_weight
-    restored: tuple[int, ...] = ()  # positions in ids of rewrite tokens the question does not hold (restore_weight)
-
-
-def restored_positions(tokenizer: Any, response: str, n_prompt: int, question: str) -> tuple[int, ...]:
-    """Positions (in the sequence, the response starting at ``n_prompt``) of the rewrite tokens after the letter
-    whose text the question does not hold. Read through the tokenizer's character offsets, as text: a Chinese
-    character split over byte tokens is judged whole, and a word is found in the question however it tokenizes."""
-    enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    special = set(tokenizer.all_special_ids)
-    out = []
-    for k, (tid, (a, b)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-        text = response[a:b].strip()
-        if k and text and tid not in special and text not in question:
-            out.append(n_prompt + k)
-    return tuple(out)
 
 
 def encode_examples(examples: Sequence[Example], tokenizer: Any, *, seed: int = 0,
@@ -214,8 +195,7 @@ def encode_examples(examples: Sequence[Example], tokenizer: Any, *, seed: int = 
             if sequence_len is not None and len(ids) > sequence_len:
                 dropped += 1
                 continue
-            out.append(Encoded(e.id, tuple(ids), n_prompt, letter_weight,
-                               restored_positions(tokenizer, response + "<|im_end|>", n_prompt, e.question.text)))
+            out.append(Encoded(e.id, tuple(ids), n_prompt, letter_weight))
     if dropped:
         log.warning("dropped %d of %d sequences longer than %s tokens", dropped, len(out) + dropped, sequence_len)
     return out, dropped
@@ -525,16 +505,9 @@ def fit(session: Session, data: Sequence[Encoded], *, progress: bool = True) -> 
 
     share = config.share_prefix and not config.gradient_checkpointing
 
-    def token_weights(i: int) -> list[float]:
-        """Each response token's weight in the loss: the letter's, then 1, or restore_weight where the rewrite
-        puts back what the question lacks."""
-        d = data[i]
-        first = max(1, d.n_prompt)
-        w = [1.0] * (len(d.ids) - first)
-        w[0] = config.decision_weight if d.letter_weight is None else d.letter_weight
-        for pos in d.restored:
-            w[pos - first] = config.restore_weight
-        return w
+    def letter_weight(i: int) -> float:
+        w = data[i].letter_weight
+        return config.decision_weight if w is None else w
 
     for step in range(1, total_steps + 1):
         if budget_s is not None and steps_done:
@@ -551,7 +524,7 @@ def fit(session: Session, data: Sequence[Encoded], *, progress: bool = True) -> 
         group = [next(stream) for _ in range(accum)]
         # Normalise by the response tokens of the whole optimizer step, so a micro-batch with more
         # answer tokens weighs more (a token mean, as with one large batch).
-        n_targets = sum(sum(token_weights(i)) for b in group for i in b)
+        n_targets = sum(len(data[i].ids) - max(1, data[i].n_prompt) + letter_weight(i) - 1 for b in group for i in b)
         step_loss = 0.0
         for k, batch in enumerate(group):
             seqs = [data[i].ids for i in batch]
@@ -564,7 +537,8 @@ def fit(session: Session, data: Sequence[Encoded], *, progress: bool = True) -> 
                 first = max(1, data[i].n_prompt)
                 ids[r, : len(s)] = torch.tensor(s)
                 mask[r, : len(s)] = 1
-                weights[r, first: len(s)] = torch.tensor(token_weights(i))
+                weights[r, first: len(s)] = 1.0
+                weights[r, first] = letter_weight(i)
             ids, mask, weights = ids.to(acc.device), mask.to(acc.device), weights.to(acc.device)
             # Up to the first loss position: the shared part's own hidden states are never read.
             shared = (shared_prefix(seqs, min(max(1, data[i].n_prompt) for i in batch) - 1)
