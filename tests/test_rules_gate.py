@@ -356,7 +356,7 @@ def test_restoration_scores_only_what_the_rewrite_adds() -> None:
     assert wrong["recall"] == 0.0 and wrong["precision"] == 0.0
     # Summed over pairs, characters for Chinese: "mmpose" and 可, 灵 put back, as the golds do.
     both = restoration([(q, gold, gold), ("那个多少钱", "可灵 那个多少钱", "可灵多少钱")])
-    assert both["precision"] == pytest.approx(3 / 3) and both["recall"] == pytest.approx(3 / 3)
+    assert both == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
     half = restoration([(q, "how to deploy mmpose v2 on TX2?", gold)])
     assert half["precision"] == 0.5 and half["recall"] == 1.0
 
