@@ -130,15 +130,16 @@ def score(examples: Sequence[Example], outcomes: Sequence[Outcome]) -> dict[str,
     decision = {**conf.report(), "unknown": sum(o.decision == "unknown" for o in outcomes)}
 
     needs = [(e, o) for e, o in zip(examples, outcomes) if e.label == "needs" and e.rewrite]
+    f1 = [token_f1(o.forwarded, e.rewrite or "") for e, o in needs]
+    asked_f1 = [token_f1(e.question.text, e.rewrite or "") for e, _ in needs]
     rewrite = {
         "n": len(needs),
         "exact_match": statistics.fmean(exact_match(o.forwarded, e.rewrite or "") for e, o in needs) if needs else 0.0,
-        "token_f1": statistics.fmean(token_f1(o.forwarded, e.rewrite or "") for e, o in needs) if needs else 0.0,
+        "token_f1": statistics.fmean(f1) if needs else 0.0,
         "changed": statistics.fmean(o.forwarded != e.question.text for e, o in needs) if needs else 0.0,
-        "as_asked_token_f1": statistics.fmean(token_f1(e.question.text, e.rewrite or "") for e, _ in needs) if needs else 0.0,
+        "as_asked_token_f1": statistics.fmean(asked_f1) if needs else 0.0,
         # How far the gain over the question as asked could move on another sample of this size.
-        "gain_ci95": bootstrap_mean_ci([token_f1(o.forwarded, e.rewrite or "") - token_f1(e.question.text, e.rewrite or "")
-                                        for e, o in needs]),
+        "gain_ci95": bootstrap_mean_ci([a - b for a, b in zip(f1, asked_f1)]),
         "restoration": restoration((e.question.text, o.forwarded, e.rewrite or "") for e, o in needs),
         "rejected": sum(o.rejected for o in outcomes),
         # The harm a member sees on the other side: a self-contained question forwarded changed.
