@@ -170,3 +170,17 @@ def test_gold_rewrites_add_content(name: str) -> None:
     # dont care" -> "I dont care about which one") or name an antecedent the question already holds.
     rows = gold_rewrites(shared_data(name))
     assert sum(adds_content(r["query"], r["rewrite"]) for r in rows) / len(rows) >= 0.97
+
+
+@pytest.mark.parametrize("question, rewrite, window, ok", [
+    # an ordinal with its classifier is an anaphor: its characters may go with it
+    ("第一个人现在还在公司吗", "蔡浩宇现在还在公司吗", ["米哈游三个创始人：蔡浩宇、刘伟、罗宇皓"], True),
+    # 「第二次」 ("the second time") names nothing: dropping it drops the question's content
+    ("为啥第二次从 OpenAI 离职", "Karpathy 为啥从 OpenAI 离职", ["Karpathy 又从 OpenAI 离职了"], False),
+    # one letter respelled in a long word is the same word…
+    ("when did the church apologise to him", "when did the church apologize to Galileo", ["Galileo and the church"], True),
+    # …but a digit is never a spelling: another version is another thing
+    ("does it run llama2?", "does mmpose run llama3?", ["mmpose is great on llama3"], False),
+])
+def test_ordinals_and_respellings(question: str, rewrite: str, window: list[str], ok: bool) -> None:
+    assert validate_rewrite(question, rewrite, window)[0] is ok

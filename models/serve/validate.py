@@ -53,7 +53,9 @@ anything anywhere anyone something somewhere someone everything
 ZH_ANAPHORS = frozenset("它他她们这那该此其上述个些呢吗吧啊呀么然后前者办")
 # A demonstrative with its classifier and head noun (「这本书」, 「这书」, 「那种性格」) is the anaphor as a whole:
 # the rewrite replaces it with the name (「十一种孤独」), so its noun may disappear from the question.
-_DEMONSTRATIVE = re.compile(rf"[这那该此](?:一?[个本种部款位首只件台张条篇家些样]?)[{CJK}]{{1,2}}")
+# So is an ordinal with its classifier (「第一个人」 → 「蔡浩宇」, 「第二款」), but not 「第二次」: "the second time" names nothing.
+_DEMONSTRATIVE = re.compile(rf"[这那该此](?:一?[个本种部款位首只件台张条篇家些样]?)[{CJK}]{{1,2}}"
+                            rf"|第[一二两三四五六七八九十]+[个本种部款位只件台张条篇家][{CJK}]?")
 
 _INJECTION = [
     re.compile(r"\b(ignore|disregard|forget)\b.{0,40}\b(above|previous|prior|earlier|instructions?|prompt|rules?)\b", re.I),
@@ -98,8 +100,13 @@ def _stem(word: str) -> str:
 
 
 def _variant(a: str, b: str) -> bool:
-    """Same word up to a short suffix: "mmpose-v1" / "mmpose", "deployment" / "deploy" (not "openpose" / "pose")."""
+    """Same word up to a short suffix: "mmpose-v1" / "mmpose", "deployment" / "deploy" (not "openpose" / "pose"),
+    or a long word spelled with one letter changed: "apologise" / "apologize" (a digit is never one: "llama2" and
+    "llama3" are two models)."""
     short, long = sorted((a, b), key=len)
+    if len(short) >= 6 and len(short) == len(long):
+        changed = [(x, y) for x, y in zip(short, long) if x != y]
+        return len(changed) == 1 and changed[0][0].isalpha() and changed[0][1].isalpha()
     return len(short) >= 4 and long.startswith(short) and len(long) - len(short) <= 4
 
 
@@ -166,7 +173,7 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
     q_units = _content_units(_DEMONSTRATIVE.sub(" ", q))
     if q_units:
         r_units = set(_content_units(r)) | set(_latin_words(r)) | {_stem(w) for w in _latin_words(r)}
-        lost = [u for u in q_units if u not in r_units]
+        lost = [u for u in q_units if u not in r_units and not (u.isascii() and any(_variant(u, w) for w in r_units))]
         if len(lost) > 0.4 * len(q_units):
             return False, f"rewrite drops the question's content ({' '.join(lost[:5])})"
         # A line that loses a word and brings none resolves nothing: the question as asked is better
@@ -206,7 +213,7 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
                     continue
                 if _stem(word) in window_stems or _stem(word) in q_stems:
                     continue
-                if any(_variant(word, w) for w in window_words):
+                if any(_variant(word, w) for w in window_words | q_words):
                     continue
                 return False, f"rewrite adds {word!r}, which the chat never mentions"
     return True, None
