@@ -59,6 +59,7 @@ def test_rows_hold_every_question_and_add_up_to_the_report(tmp_path: Path) -> No
     # Paired per question, the rows give back the report's figures: what a comparison of two runs stands on.
     assert sum(r["gold"] == "needs" and r["decision"] == "needs" for r in rows) == report["decision"]["tp"]
     assert sum(r["gold"] == "not_needed" and r["decision"] == "needs" for r in rows) == report["decision"]["fp"]
+    assert all((r["p_needs"] > 0.5) == (r["decision"] == "needs") for r in rows)  # the probability the decision read
     scored = [r for r in rows if r["token_f1"] is not None]
     assert len(scored) == report["rewrite"]["n"]
     assert sum(r["token_f1"] for r in scored) / len(scored) == pytest.approx(report["rewrite"]["token_f1"])
@@ -204,3 +205,13 @@ def test_eval_applies_no_serving_timeout(tiny_gguf, monkeypatch) -> None:
                  question=Turn("b", "how to deploy it?", 1.0), label="needs", rewrite="how to deploy mmpose?")
     report = evaluate([ex], "llama-cpp", gate=False, model_path=str(tiny_gguf), progress=False)
     assert seen == [None] and report["errors"] == 0
+
+
+def test_eval_compare_tells_two_runs_of_one_set_apart_by_their_paths(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    row = '{"id": "x", "gold": "needs", "decision": "needs", "token_f1": 1.0, "exact_match": 1.0}\n'
+    a, b = tmp_path / "old" / "set.jsonl", tmp_path / "new" / "set.jsonl"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_text(row)
+    assert main(["eval-compare", str(a), str(b)]) == 0
+    assert f"right only in {a}: 0, only in {b}: 0" in capsys.readouterr().out

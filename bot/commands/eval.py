@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how llama-cpp decides (default COREFBOT_DECIDE_BY, else auto: a run folder's measured mode)")
     p.add_argument("--report", metavar="OUT.json", help="write the full report as JSON")
     p.add_argument("--rows", metavar="OUT.jsonl",
-                   help="write every question's decision and forwarded text, one JSON line each as it is answered")
+                   help="write every question's decision, its probability and forwarded text, one JSON line each as it is answered")
     p.set_defaults(func=run)
 
     p = sub.add_parser("eval-compare", help="pair two `eval --rows` files: decisions and rewrites only one run got right")
@@ -72,7 +72,10 @@ def run_compare(args: argparse.Namespace) -> int:
     from corefbot.models.train.eval_compare import compare, read_rows, summary_lines
 
     result = compare(read_rows(args.a), read_rows(args.b))
-    for line in summary_lines(result, Path(args.a).stem, Path(args.b).stem):
+    names = Path(args.a).stem, Path(args.b).stem
+    if names[0] == names[1]:  # two runs' rows of one set, in two folders: the paths tell them apart
+        names = args.a, args.b
+    for line in summary_lines(result, *names):
         print(line)
     if args.report:
         Path(args.report).write_text(json.dumps(asdict(result), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

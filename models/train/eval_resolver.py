@@ -50,6 +50,7 @@ class Outcome:
     latency_ms: float
     rejected_rewrite: str | None = None  # the model's rewrite that failed validation (the question went as asked)
     error: str | None = None
+    p_needs: float | None = None  # the backend's probability of "needs" (None where it gives none)
 
     @property
     def rejected(self) -> bool:
@@ -106,7 +107,7 @@ def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: st
         else:  # --no-gate: everything went to the model
             sent = True
         return Outcome(res.decision, res.query(e.question.text), sent, (time.perf_counter() - start) * 1000,
-                       rejected_rewrite=res.rejected_rewrite)
+                       rejected_rewrite=res.rejected_rewrite, p_needs=res.probs.get("needs") if res.probs else None)
     return predict, resolver.close
 
 
@@ -115,6 +116,7 @@ def row_record(e: Example, o: Outcome) -> dict[str, Any]:
     are those :func:`score` averages, present where it counts the row (gold needs, with a gold rewrite)."""
     scored = e.label == "needs" and bool(e.rewrite)
     return {"id": e.id, "lang": e.lang, "question": e.question.text, "gold": e.label, "decision": o.decision,
+            "p_needs": None if o.p_needs is None else round(o.p_needs, 4),
             "sent_to_model": o.sent_to_model, "forwarded": o.forwarded, "gold_rewrite": e.rewrite,
             "refused_rewrite": o.rejected_rewrite,
             "exact_match": exact_match(o.forwarded, e.rewrite or "") if scored else None,
