@@ -379,3 +379,60 @@ def test_drafting_changes_the_cost_of_a_rewrite_not_the_rewrite(tiny_gguf: Path)
         with LlamaBackend(tiny_gguf, n_threads=2, draft_tokens=k) as b:
             lines[k] = [b.resolve(WINDOW, q, rewrite="always").rewrite for q in QUESTIONS]
     assert lines[0] == lines[8]
+
+
+def test_a_forced_departure_keeps_the_line_up_to_it_and_writes_the_other_token_there(backend: LlamaBackend):
+    """What a second try rests on: ``departures`` gives, for every position of the greedy line and its end, the
+    best other token and its margin; forcing that token keeps the line before it and writes it there."""
+    lead = [backend._letters[SERVE_ORDER.index("needs")], backend._nl]
+
+    def lines(job, question: Turn) -> list[tuple[list[int], list[int], int, int]]:
+        full = backend._tokenize(build_prompt(WINDOW, question, SERVE_ORDER).chatml())
+        backend._reset_context()
+        backend._decode(full, job)
+        departures: list[tuple[float, int, int]] = []
+        backend._generate_line(job, lead, departures=departures)
+        greedy = backend._live[len(full) + len(lead):]
+        assert [at for _, at, _ in departures] == list(range(len(greedy) + 1))  # each token, then the line's end
+        assert all(margin >= 0 for margin, *_ in departures)
+        out = []
+        for _, at, token in sorted(departures)[:2]:
+            backend._truncate(len(full))
+            backend._generate_line(job, lead, forced=(at, token))
+            out.append((greedy, backend._live[len(full) + len(lead):], at, token))
+        return out
+
+    rows = [row for q in QUESTIONS for row in backend.call(lambda job, q=q: lines(job, q), timeout_s=300)]
+    for greedy, forced, at, token in rows:
+        assert at == len(greedy) or token != greedy[at]
+        assert forced[:at] == greedy[:at]
+        # The forced token is written, unless it ends the line there (the token that ends a line is never evaluated).
+        assert forced[at:at + 1] == [token] or len(forced) == at
+
+
+def test_a_second_try_replaces_only_a_line_that_does_not_resolve(tiny_gguf: Path):
+    """With every question decided "needs", a line that adds nothing or that validation refuses is written again
+    (at most ``second_tries`` times); what comes back resolves, or is the first line, as without tries."""
+    from corefbot.models.serve.validate import adds_content, validate_rewrite
+
+    with pytest.raises(ValueError, match="second_tries"):
+        LlamaBackend(tiny_gguf, n_threads=2, second_tries=-1)
+    got = {}
+    for tries in (0, 2):
+        with LlamaBackend(tiny_gguf, n_threads=2, second_tries=tries) as b:
+            b.needs_threshold = b.second_try_min_p = 0.0  # every question "needs", surely: the tiny model's lines rarely resolve
+            got[tries] = [(b.resolve(WINDOW, q).rewrite, b.last_second_tries) for q in QUESTIONS]
+    texts = [t.text for t in WINDOW]
+    retried = 0
+    for q, (first, none), (line, tries) in zip(QUESTIONS, got[0], got[2]):
+        assert none == 0 and tries <= 2
+        resolves = bool(first) and adds_content(q.text, first) and validate_rewrite(q.text, first, texts)[0]
+        if resolves:
+            assert (line, tries) == (first, 0)
+        else:
+            retried += tries > 0
+            assert line == first or (adds_content(q.text, line) and validate_rewrite(q.text, line, texts)[0])
+    assert retried, "no line was written again: the test shows nothing"
+    with LlamaBackend(tiny_gguf, n_threads=2) as b:  # a letter never sure enough: no second try
+        b.needs_threshold, b.second_try_min_p = 0.0, 1.01
+        assert [(b.resolve(WINDOW, q).rewrite, b.last_second_tries) for q in QUESTIONS] == got[0]

@@ -13,7 +13,8 @@ one line of bounded length; control tokens are masked so no ChatML marker leaks 
 are tokens with a Chinese character the chat does not hold (validation would refuse the line for it). The
 question's own tokens go into the same batch as the letter, and each later step drafts what followed the
 line's last tokens in the question or the window: the runs a rewrite copies cost no steps of their own.
-With ``decide_by="rewrite"`` the rewrite itself decides (see :data:`DecideBy`).
+A sure "needs" whose line copies the question or would be refused gets up to two second tries (see
+:meth:`LlamaBackend._rewrite`). With ``decide_by="rewrite"`` the rewrite itself decides (see :data:`DecideBy`).
 
 Latency: a sliding window renames senders and drops the oldest line on every message, so the group's
 prompt prefix changes from its first chat line on each time a message arrives. :meth:`observe` is
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar, get_args
 
 from corefbot.models.serve.types import DecideBy, DecideSetting, Resolution
-from corefbot.models.serve.validate import adds_content, allowed_cjk
+from corefbot.models.serve.validate import adds_content, allowed_cjk, validate_rewrite
 from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, Prompt, build_prompt, chatml_prefix, one_line
 from corefbot.pipeline.records import Decision, Turn
 from corefbot.pipeline.text import HAS_CJK
@@ -54,6 +55,12 @@ MAX_REWRITE_CHARS = 300
 # Tokens drafted per generation step (see LlamaBackend._generate_line): on 2 cores a 0.5B model evaluates
 # 1 token in ~43 ms and 9 in ~95 ms, so a wrong draft costs about one step and a right one saves up to 8.
 DRAFT_TOKENS = 8
+# Second tries of a rewrite that contradicts a "needs" decision (see LlamaBackend._rewrite): each rewrites the
+# line from one of its least certain tokens, so it costs about one more rewrite, and only on such questions.
+SECOND_TRIES = 2
+# ... and only when the letter is this sure: a copied line is the model's own sign that the question may stand as
+# asked, and a second try overrides it (an unsure letter's second tries rewrote self-contained questions).
+SECOND_TRY_MIN_P = 0.9
 # Room kept for the question, the options and the rewrite when fitting a long window into n_ctx.
 QUESTION_RESERVE = 384
 _OBSERVE_CHUNK = 64  # prefill granularity: a waiting question pre-empts a prefill within one chunk
@@ -269,7 +276,8 @@ class LlamaBackend:
                  timeout_s: float | None = 30.0, max_queue: int = 8, max_groups: int = 32,
                  max_state_mb: float = 256.0, max_rewrite_tokens: int = 96, n_batch: int = 512,
                  reuse: bool = True, lora_path: str | Path | None = None, lora_scale: float = 1.0,
-                 decide_by: DecideSetting = "auto", draft_tokens: int = DRAFT_TOKENS) -> None:
+                 decide_by: DecideSetting = "auto", draft_tokens: int = DRAFT_TOKENS,
+                 second_tries: int = SECOND_TRIES) -> None:
         """``model_path``: a GGUF, or a finetune run folder (see :func:`served_model`), which brings its
         own adapter. ``lora_path``: a GGUF LoRA applied to the GGUF at ``lora_scale`` (llama.cpp takes it
         only when the context is built: another adapter means another backend). ``timeout_s=None``
@@ -296,6 +304,10 @@ class LlamaBackend:
         if draft_tokens < 0:
             raise ValueError(f"draft_tokens must be 0 or more, not {draft_tokens}")
         self.draft_tokens = draft_tokens  # 0: a rewrite step evaluates only its token (the question is still read in one batch)
+        if second_tries < 0:
+            raise ValueError(f"second_tries must be 0 or more, not {second_tries}")
+        self.second_tries = second_tries
+        self.second_try_min_p = SECOND_TRY_MIN_P
         self.reuse = reuse
         self.decide_by: DecideBy = served.decide_mode(decide_by)
         self.needs_threshold = served.needs_threshold  # the run's own calibration of its letter, in either setting
@@ -330,6 +342,7 @@ class LlamaBackend:
         self.last_reused_tokens = 0
         self.last_decision_ms = 0.0  # submission to decision: before any rewrite (letter), with the rewrite (rewrite)
         self.last_rewrite_steps = 0  # tokens of the last rewrite generated one at a time (not copied in a batch)
+        self.last_second_tries = 0  # lines written again for the last rewrite (see _rewrite)
         self.skipped_prefills = 0  # background prefills stopped because a newer window made them useless
 
         self._cv = threading.Condition()
@@ -684,12 +697,10 @@ class LlamaBackend:
         if self.decide_by == "letter":
             self.last_decision_ms = (time.perf_counter() - job.submitted) * 1000  # the rewrite comes after it
         rewrite, copy_p = None, None
+        self.last_second_tries = 0
         if self.decide_by == "rewrite" or job.rewrite == "always" or (job.rewrite == "auto" and decision == "needs"):
-            lead = [self._letters[SERVE_ORDER.index("needs")], self._nl]
-            question = self._llm.tokenize(one_line(job.question.text).encode("utf-8"), add_bos=False, special=False)
-            # Kept to the chat's Chinese characters: a rewrite with any other is refused by validation anyway.
-            banned = self._foreign(allowed_cjk(job.question.text, [t.text for t in window]))
-            rewrite, copy_p = self._generate_line(job, lead, question, sources=(question, full), banned=banned)
+            sure = self.decide_by == "letter" and decision == "needs" and probs["needs"] >= self.second_try_min_p
+            rewrite, copy_p = self._rewrite(job, window, full, retry=sure)
         if self.decide_by == "rewrite":
             decision = "needs" if rewrite and adds_content(job.question.text, rewrite) else "not_needed"
             if copy_p is not None:  # the rewrite's own confidence; the letters' is noise where this mode wins
@@ -698,6 +709,41 @@ class LlamaBackend:
                 rewrite = None
             self.last_decision_ms = (time.perf_counter() - job.submitted) * 1000  # known once the rewrite is
         return Resolution(decision, probs, rewrite, backend=self.name)
+
+    def _rewrite(self, job: _Job, window: tuple[Turn, ...], full: Sequence[int], retry: bool) -> tuple[str | None, float | None]:
+        """The rewrite line after the "needs" letter (see :meth:`_generate_line`), and its copy probability.
+
+        With ``retry`` (the letter said "needs" with at least :attr:`second_try_min_p`), a line that contradicts
+        it gets up to :attr:`second_tries` more: one that adds nothing to the question (the small model's usual
+        slip is to copy it: 「为啥第二次从 OpenAI 离职」 for 「Karpathy 为啥第二次从 OpenAI 离职」), or that validation would
+        refuse. Each try writes the line again from the position where the first was least certain (the
+        smallest logit margin between its token and the best other), with that other token, then greedily;
+        the first that adds content and passes validation is kept, else the first line (the question then
+        goes as asked, as without tries). Nothing changes for a line that already resolves."""
+        assert job.question is not None
+        texts = [t.text for t in window]
+        lead = [self._letters[SERVE_ORDER.index("needs")], self._nl]
+        question = self._llm.tokenize(one_line(job.question.text).encode("utf-8"), add_bos=False, special=False)
+        # Kept to the chat's Chinese characters: a rewrite with any other is refused by validation anyway.
+        banned = self._foreign(allowed_cjk(job.question.text, texts))
+        start = len(self._live)
+        departures: list[tuple[float, int, int]] | None = [] if retry and self.second_tries else None
+        first, copy_p = self._generate_line(job, lead, question, sources=(question, full), banned=banned,
+                                            departures=departures)
+
+        def resolves(line: str | None) -> bool:
+            return bool(line) and adds_content(job.question.text, line) and validate_rewrite(job.question.text, line, texts)[0]
+
+        if departures is None or resolves(first):
+            return first, copy_p
+        for margin, at, token in sorted(departures)[: self.second_tries]:
+            self._truncate(start)
+            self.last_second_tries += 1
+            line, _ = self._generate_line(job, lead, question, sources=(question, full), banned=banned, forced=(at, token))
+            log.debug("second try from token %d (margin %.2f): %r -> %r", at, margin, first, line)
+            if resolves(line):
+                return line, copy_p
+        return first, copy_p
 
     def _letter_logits(self) -> list[float]:
         """The option letters' logits at the last evaluated position."""
@@ -712,11 +758,16 @@ class LlamaBackend:
         return {SERVE_ORDER[i]: exps[i] / total for i in range(len(LETTERS))}
 
     def _generate_line(self, job: _Job, lead: Sequence[int], guess: Sequence[int] = (),
-                       sources: Sequence[Sequence[int]] = (), banned: Any = None) -> tuple[str | None, float | None]:
+                       sources: Sequence[Sequence[int]] = (), banned: Any = None,
+                       forced: tuple[int, int] | None = None,
+                       departures: list[tuple[float, int, int]] | None = None) -> tuple[str | None, float | None]:
         """Greedy generation of one line (see :meth:`_pick`) after ``lead`` (the answer letter and a newline),
         never writing a token of ``banned`` (a boolean mask over the vocabulary; see :meth:`_foreign`);
         the line, and the probability that the model copies ``guess`` whole and ends the line there (None
-        without a guess, or when deciding by the letter).
+        without a guess, or when deciding by the letter). ``forced``: (position, token) written at that
+        position of the line in place of the greedy choice. ``departures``: a list that receives, for each
+        position of the line (its end included), ``(margin, position, token)``: the best other token there and
+        how many logits it trails the chosen one by.
 
         The line is written by speculation that never changes it: tokens are put in the context before the
         model has chosen them, with the logits of every position, and kept as long as greedy choice agrees.
@@ -743,7 +794,13 @@ class LlamaBackend:
         self.last_rewrite_steps = 0
         while len(line) < self.max_rewrite_tokens:
             self._check(job)
-            tok = self._pick(at, inside[owed] if line else first)
+            if departures is None:
+                tok = self._pick(at, inside[owed] if line else first)
+            else:
+                tok, other, margin = self._pick_two(at, inside[owed] if line else first)
+                departures.append((margin, len(line), other))
+            if forced is not None and forced[0] == len(line):
+                tok = forced[1]
             owed = self._owed_after(owed, tok)
             if draft and tok == draft[0]:  # already in the context, with its logits: no step
                 draft.pop(0)
@@ -782,6 +839,18 @@ class LlamaBackend:
 
         row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at), shape=(self._n_vocab,))
         return int(np.where(refused, -np.inf, row).argmax())
+
+    def _pick_two(self, at: int, refused: Any) -> tuple[int, int, float]:
+        """:meth:`_pick`'s token, the best other, and how many logits the other trails by."""
+        import numpy as np
+
+        row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at), shape=(self._n_vocab,))
+        masked = np.where(refused, -np.inf, row)
+        best = int(masked.argmax())
+        top = float(masked[best])
+        masked[best] = -np.inf
+        other = int(masked.argmax())
+        return best, other, top - float(masked[other])
 
     def _copy_probability(self, at: int, guess: Sequence[int]) -> float:
         """P(the line is ``guess`` and ends): the product of each guess token's probability and then a line
