@@ -835,22 +835,25 @@ class LlamaBackend:
         something (no end, no leading newline). This is the rule the GBNF grammar ``[^\\r\\n]+ "\\n"?`` gave,
         as numpy masks: llama.cpp's grammar sampler spent ~28 ms a token on Qwen's 152k vocabulary (2 cores),
         more than a third of a rewrite's time."""
-        import numpy as np
-
-        row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at), shape=(self._n_vocab,))
-        return int(np.where(refused, -np.inf, row).argmax())
+        return int(self._masked_logits(at, refused).argmax())
 
     def _pick_two(self, at: int, refused: Any) -> tuple[int, int, float]:
         """:meth:`_pick`'s token, the best other, and how many logits the other trails by."""
         import numpy as np
 
-        row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at), shape=(self._n_vocab,))
-        masked = np.where(refused, -np.inf, row)
+        masked = self._masked_logits(at, refused)
         best = int(masked.argmax())
         top = float(masked[best])
         masked[best] = -np.inf
         other = int(masked.argmax())
         return best, other, top - float(masked[other])
+
+    def _masked_logits(self, at: int, refused: Any) -> Any:
+        """The logits at batch position ``at``, a new array with ``refused`` tokens at -inf."""
+        import numpy as np
+
+        row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at), shape=(self._n_vocab,))
+        return np.where(refused, -np.inf, row)
 
     def _copy_probability(self, at: int, guess: Sequence[int]) -> float:
         """P(the line is ``guess`` and ends): the product of each guess token's probability and then a line
