@@ -852,8 +852,13 @@ class LlamaBackend:
         """The logits at batch position ``at``, a new array with ``refused`` tokens at -inf."""
         import numpy as np
 
-        row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at), shape=(self._n_vocab,))
-        return np.where(refused, -np.inf, row)
+        return np.where(refused, -np.inf, self._logits_row(at))
+
+    def _logits_row(self, at: int) -> Any:
+        """The logits at batch position ``at``: a numpy view of llama.cpp's buffer, valid until the next decode."""
+        import numpy as np
+
+        return np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at), shape=(self._n_vocab,))
 
     def _copy_probability(self, at: int, guess: Sequence[int]) -> float:
         """P(the line is ``guess`` and ends): the product of each guess token's probability and then a line
@@ -863,8 +868,7 @@ class LlamaBackend:
 
         logp = 0.0
         for i, token in enumerate([*guess, None]):
-            row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._llm.ctx, at + i),
-                                        shape=(self._n_vocab,)).astype(np.float64)
+            row = self._logits_row(at + i).astype(np.float64)
             row[self._control_ids] = -np.inf
             top = row.max()
             log_total = top + math.log(np.exp(row - top).sum())
