@@ -184,3 +184,20 @@ def test_gold_rewrites_add_content(name: str) -> None:
 ])
 def test_ordinals_and_respellings(question: str, rewrite: str, window: list[str], ok: bool) -> None:
     assert validate_rewrite(question, rewrite, window)[0] is ok
+
+
+@pytest.mark.parametrize("question, rewrite, window, ok", [
+    # real lines of the fine-tuned 0.5B: the name written, then the question copied with a piece of it twice
+    ("为啥第二次从 OpenAI 离职", "为啥 Andrej Karpathy 从 OpenAI 离职第二次从 OpenAI 离职",
+     ["Andrej Karpathy - Wikipedia", "这人现在是不是在搞教育了"], False),
+    ("几点开始", "WWDC 开始几点开始", ["WWDC 今年在线上办", "苹果要发新系统了"], False),
+    # the repeat is inside a name the chat holds: 「游戏」 of 「游戏科学」
+    ("这个工作室之前做过啥游戏", "游戏科学之前做过啥游戏", ["《黑神话：悟空》是游戏科学做的"], True),
+    # English repeats a name on purpose
+    ("What is the address of Backstreet bistro? Post code of it?",
+     "What is the address of Backstreet bistro? Post code of Backstreet bistro?", ["Backstreet bistro is nice"], True),
+])
+def test_a_question_written_twice_is_refused(question: str, rewrite: str, window: list[str], ok: bool) -> None:
+    verdict, reason = validate_rewrite(question, rewrite, window)
+    assert verdict is ok
+    assert ok or "twice" in reason

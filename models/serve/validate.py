@@ -150,6 +150,32 @@ def _cover_cjk(run: str, window: str) -> str:
     return "".join(missing)
 
 
+_UNIT = re.compile(rf"[{CJK}]|[a-z0-9]+")
+
+
+def _repeated_run(q: str, r: str, window: str) -> str | None:
+    """A run of two of the question's Chinese characters that ``r`` writes more often than
+    the question does, where the extra copies are not part of a longer name taken from the window; ``None``
+    when there is none. The small model's slip where the name meets the copied question: 「为啥 Andrej Karpathy
+    从 OpenAI 离职第二次从 OpenAI 离职」, 「WWDC 开始几点开始」. 「游戏科学之前做过啥游戏」 repeats 「游戏」 inside the
+    chat's 「游戏科学」, which is not a slip. ``q``, ``r`` and ``window`` are normalised (:func:`_norm`)."""
+    a, b = _UNIT.findall(q), _UNIT.findall(r)
+    flat = "".join(_UNIT.findall(window))
+    for i in range(len(a) - 1):
+        run = a[i:i + 2]
+        if not all(HAS_CJK.match(u) for u in run):  # English repeats a name on purpose ("address of X … post code of X")
+            continue
+        asked = sum(a[k:k + 2] == run for k in range(len(a) - 1))
+        seen = [j for j in range(len(b) - 1) if b[j:j + 2] == run]
+        if len(seen) <= asked:
+            continue
+        # An occurrence inside a longer window phrase (the run plus a neighbour) was copied as part of a name.
+        loose = [j for j in seen if "".join(b[max(j - 1, 0):j + 2]) not in flat and "".join(b[j:j + 3]) not in flat]
+        if len(loose) > asked:
+            return "".join(run)
+    return None
+
+
 def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[str]) -> tuple[bool, str | None]:
     """``(True, None)`` when ``rewrite`` may be forwarded in place of the question, else ``(False, reason)``."""
     q, r = _norm(question_text).strip(), _norm(rewrite).strip()
@@ -182,6 +208,9 @@ def validate_rewrite(question_text: str, rewrite: str, window_texts: Sequence[st
             return False, f"rewrite drops {' '.join(lost[:5])} and adds nothing"
 
     window = _norm("\n".join(window_texts))
+    twice = _repeated_run(q, r, window)
+    if twice:
+        return False, f"rewrite writes the question's {twice!r} twice"
     window_words = set(_latin_words(window))
     window_words |= {part for w in window_words for part in w.split("-")}  # "funkadelic" of "parliament-funkadelic"
     window_stems = {_stem(w) for w in window_words}
