@@ -126,7 +126,7 @@ def test_most_gold_rewrites_pass(name: str, floor: float) -> None:
 @pytest.mark.parametrize("name, ceiling", [("rewrite_zh_train.jsonl", 0.01), ("canard_dev.jsonl", 0.03)])
 def test_gold_rewrites_against_another_window_are_refused(name: str, ceiling: float) -> None:
     # A gold rewrite checked against the window of another conversation names things that chat never
-    # had: the stand-in for a hallucinated antecedent (on 4,000 pairs, 0.6% of REWRITE and 0.9% of CANARD
+    # had: the stand-in for a hallucinated antecedent (on 4,000 pairs, 0.5% of REWRITE and 0.9% of CANARD
     # are accepted; 0.4% and 0.9% before validation learnt 「这本书」 and lone characters).
     assert accepted_another_window(gold_rewrites(shared_data(name), 800)) <= ceiling
 
@@ -175,6 +175,7 @@ def test_gold_rewrites_add_content(name: str) -> None:
 @pytest.mark.parametrize("question, rewrite, window, ok", [
     # an ordinal with its classifier is an anaphor: its characters may go with it
     ("第一个人现在还在公司吗", "蔡浩宇现在还在公司吗", ["米哈游三个创始人：蔡浩宇、刘伟、罗宇皓"], True),
+    ("第二首是谁写的", "《七里香》是谁写的", ["昨晚 KTV 先点了《晴天》，又点了《七里香》"], True),
     # 「第二次」 ("the second time") names nothing: dropping it drops the question's content
     ("为啥第二次从 OpenAI 离职", "Karpathy 为啥从 OpenAI 离职", ["Karpathy 又从 OpenAI 离职了"], False),
     # one letter respelled in a long word is the same word…

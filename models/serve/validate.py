@@ -53,9 +53,9 @@ anything anywhere anyone something somewhere someone everything
 ZH_ANAPHORS = frozenset("它他她们这那该此其上述个些呢吗吧啊呀么然后前者办")
 # A demonstrative with its classifier and head noun (「这本书」, 「这书」, 「那种性格」) is the anaphor as a whole:
 # the rewrite replaces it with the name (「十一种孤独」), so its noun may disappear from the question.
-# So is an ordinal with its classifier (「第一个人」 → 「蔡浩宇」, 「第二款」), but not 「第二次」: "the second time" names nothing.
+# So is an ordinal with its classifier (「第一个人」 → 「蔡浩宇」, 「第二款」, 「第二首」), but not 「第二次」: "the second time" names nothing.
 _DEMONSTRATIVE = re.compile(rf"[这那该此](?:一?[个本种部款位首只件台张条篇家些样]?)[{CJK}]{{1,2}}"
-                            rf"|第[一二两三四五六七八九十]+[个本种部款位只件台张条篇家][{CJK}]?")
+                            rf"|第[一二两三四五六七八九十]+[个本种部款位只件台张条篇家首][{CJK}]?")
 
 _INJECTION = [
     re.compile(r"\b(ignore|disregard|forget)\b.{0,40}\b(above|previous|prior|earlier|instructions?|prompt|rules?)\b", re.I),
