@@ -1,7 +1,8 @@
 """Fitting the gate (:class:`corefbot.models.serve.gate.Gate`): the shipped model and a deployment's retrain.
 
 The shipped model is fitted on TASK's train split (``../shared/data/task_gecor.jsonl`` in a checkout) and the
-train splits of our hand-written cases (``cases/``); their test splits are never fitted. Rebuild it with
+train splits of our hand-written cases (``cases/``); their test splits are never fitted. (The shipped file predates
+the 270 zh topics training rows added on 2026-12-07: a rebuild fits them too.) Rebuild it with
 ``python -m corefbot.models.train.gate [--shared ../shared/data] [--out models/serve/gate_model.json]``.
 """
 from __future__ import annotations
