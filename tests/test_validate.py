@@ -111,7 +111,7 @@ def test_shape_checks() -> None:
 
 def test_injection_detector_leaves_ordinary_questions_alone() -> None:
     for text in ["how do I ignore warnings in pytest?", "为什么会忽略这个报错？", "what does the output say?",
-                 "那个模型输出的关键点不对", "Can you say more about the TX2 setup?"]:
+                 "那个模型输出的关键点不对", "Can you say more about the TX2 setup?", "《塞尔达传说：王国之泪》通关了吗"]:
         assert not looks_like_injection(text), text
 
 

@@ -74,8 +74,13 @@ _ASKS = re.compile(r"谁|哪|啥|什么|几|多少|怎|咋|为何|如何|吗|是
 MAX_EXTRA_CHARS = 160  # a rewrite may add at most this much beyond the question (CANARD's longest golds are near it)
 
 
+# A title in 《》 names a work, it instructs nobody: 《塞尔达传说：王国之泪》 holds 「说：」.
+_TITLE = re.compile(r"《[^《》]*》")
+
+
 def looks_like_injection(text: str) -> bool:
     """True when a message reads as an instruction to the model rather than a question to the group."""
+    text = _TITLE.sub("《》", text)
     return any(p.search(text) for p in _INJECTION)
 
 
