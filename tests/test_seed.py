@@ -68,6 +68,32 @@ def test_a_cap_changes_how_many_rows_one_set_trains_on(tmp_path: Path) -> None:
 def test_a_missing_public_set_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="task_gecor.jsonl"):
         build_seed_data(tmp_path, tmp_path / "out", sets=SEED_SETS[:1])
+    more = (SeedSet("small", "small.jsonl", "zh", lambda r: False, None, more=("extra.jsonl",)),)
+    _write(tmp_path / "small.jsonl", _pairs(2, "case"))
+    with pytest.raises(FileNotFoundError, match="extra.jsonl"):
+        build_seed_data(tmp_path, tmp_path / "out", sets=more)
+
+
+def test_a_sets_further_files_train_under_its_held_out_rule(tmp_path: Path) -> None:
+    _write(tmp_path / "small.jsonl", _pairs(3, "case"))
+    _write(tmp_path / "extra.jsonl", _pairs(2, "more"))
+    sets = (SeedSet("small", "small.jsonl", "zh", lambda r: r["id"].startswith("case0"), None, more=("extra.jsonl",)),)
+    data = build_seed_data(tmp_path, tmp_path / "out", sets=sets)
+    assert _ids(data.train) == ["case1", "case1_neg", "case2", "case2_neg", "more0", "more0_neg", "more1", "more1_neg"]
+    assert _ids(data.heldout["small"]) == ["case0", "case0_neg"]
+
+
+def test_the_shipped_referent_rows_train_zh_topics_only() -> None:
+    # 「这家公司」 or 「他」 decides between two named things: rows written for the rewriter, all training rows, and
+    # none of them is in the file the gate and the rules baseline are fitted on.
+    from corefbot.models.train.gate import OWN_DATA
+    from corefbot.models.train.seed import CASES_DIR
+
+    topics = next(s for s in SEED_SETS if s.name == "topics_zh")
+    rows = [json.loads(line) for line in (CASES_DIR / "zh_topics_referents.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert topics.more == ("cases/zh_topics_referents.jsonl",) and len(rows) == 270
+    assert all(r["split"] == "train" for r in rows)
+    assert CASES_DIR / "zh_topics_referents.jsonl" not in OWN_DATA
 
 
 @pytest.mark.slow

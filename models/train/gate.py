@@ -1,8 +1,9 @@
 """Fitting the gate (:class:`corefbot.models.serve.gate.Gate`): the shipped model and a deployment's retrain.
 
 The shipped model is fitted on TASK's train split (``../shared/data/task_gecor.jsonl`` in a checkout) and the
-train splits of our hand-written cases (``cases/``); their test splits are never fitted. (The shipped file predates
-the 270 zh topics training rows added on 2026-12-07: a rebuild fits them too.) Rebuild it with
+train splits of our hand-written cases (``cases/``); their test splits are never fitted. ``zh_topics_referents.jsonl``
+is not among them: it was written for the rewriter (which named thing a question means), and fitting it would move the
+rules baseline every model figure is compared against. Rebuild it with
 ``python -m corefbot.models.train.gate [--shared ../shared/data] [--out models/serve/gate_model.json]``.
 """
 from __future__ import annotations

@@ -61,6 +61,9 @@ class SeedSet:
     lang: str
     held_out: Callable[[dict], bool]
     train_cap: int | None  # a deterministic sample of the training part; None: all of it
+    # Further files of the same set, read after ``file`` under the same held-out rule: rows written for the rewriter
+    # only, which the gate and the rules baseline (fitted on ``file``) never see.
+    more: tuple[str, ...] = ()
 
 
 SEED_SETS: tuple[SeedSet, ...] = (
@@ -70,7 +73,8 @@ SEED_SETS: tuple[SeedSet, ...] = (
     SeedSet("cases_en", "cases/en_cases.jsonl", "en", lambda r: r.get("split") == "test", None),
     SeedSet("topics_en", "cases/en_topics.jsonl", "en", lambda r: r.get("split") == "test", None),
     SeedSet("cases_zh", "cases/zh_cases.jsonl", "zh", lambda r: r.get("split") == "test", None),
-    SeedSet("topics_zh", "cases/zh_topics.jsonl", "zh", lambda r: r.get("split") == "test", None),
+    SeedSet("topics_zh", "cases/zh_topics.jsonl", "zh", lambda r: r.get("split") == "test", None,
+            more=("cases/zh_topics_referents.jsonl",)),
 )
 
 
@@ -81,8 +85,8 @@ class SeedData:
     counts: dict[str, dict[str, int]]  # set → {"train": rows written, "train_available", "heldout"}
 
 
-def _path_of(s: SeedSet, data_dir: Path) -> Path:
-    return CASES_DIR / s.file.split("/", 1)[1] if s.file.startswith("cases/") else data_dir / s.file
+def _paths_of(s: SeedSet, data_dir: Path) -> list[Path]:
+    return [CASES_DIR / f.split("/", 1)[1] if f.startswith("cases/") else data_dir / f for f in (s.file, *s.more)]
 
 
 def _unit(row: dict) -> str:
@@ -122,10 +126,11 @@ def build_seed_data(data_dir: str | Path, out: str | Path, *,
     heldout: dict[str, Path] = {}
     counts: dict[str, dict[str, int]] = {}
     for s in sets:
-        path = _path_of(s, data_dir)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: seed set {s.name!r} is missing (see shared/data/README.md)")
-        rows = [row for _, row in read_jsonl(path)]
+        rows = []
+        for path in _paths_of(s, data_dir):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: seed set {s.name!r} is missing (see shared/data/README.md)")
+            rows += [row for _, row in read_jsonl(path)]
         held = [r for r in rows if s.held_out(r)]
         train = [r for r in rows if not s.held_out(r)]
         if s.train_cap is not None and len(train) > s.train_cap:
