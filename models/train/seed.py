@@ -126,7 +126,7 @@ def build_seed_data(data_dir: str | Path, out: str | Path, *,
     heldout: dict[str, Path] = {}
     counts: dict[str, dict[str, int]] = {}
     for s in sets:
-        rows = []
+        rows: list[dict] = []
         for path in _paths_of(s, data_dir):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: seed set {s.name!r} is missing (see shared/data/README.md)")
