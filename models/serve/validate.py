@@ -174,7 +174,9 @@ def _repeated_run(q: str, r: str, window: str) -> str | None:
         seen = [j for j in range(len(b) - 1) if b[j:j + 2] == run]
         if len(seen) <= asked:
             continue
-        # An occurrence inside a longer window phrase (the run plus a neighbour) was copied as part of a name.
+        # An occurrence inside a longer window phrase (the run plus a neighbour) was copied as part of a name. At the
+        # line's start the left slice is the run alone, so there the run found in the window is enough: a name put
+        # first often holds it (「天津」 before a question naming 「天津之眼」: 3 more distinct gold rewrites would be refused without it).
         loose = [j for j in seen if "".join(b[max(j - 1, 0):j + 2]) not in flat and "".join(b[j:j + 3]) not in flat]
         if len(loose) > asked:
             return "".join(run)
