@@ -280,6 +280,37 @@ def test_training_continues_from_a_saved_adapter(tiny_hf: Path, tmp_path: Path) 
         setup(tiny_hf, config.replace(init_adapter=str(tmp_path)))
 
 
+def test_bfloat16_on_a_cpu_trains_where_the_cpu_multiplies_it(tiny_hf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU presets' dtype: bfloat16 weights with float32 LoRA weights where the CPU has bfloat16 instructions,
+    float32 where it would only emulate them; the flags are read from /proc/cpuinfo's text."""
+    import torch
+
+    from corefbot.models.train import evaluate
+    from corefbot.models.train.evaluate import cpu_has_native_bf16, response_losses
+    from corefbot.models.train.finetune import fit, setup
+
+    assert cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_native_bf16("flags\t: fpu amx_bf16 amx_tile\n")
+    assert cpu_has_native_bf16("Features\t: fp asimd bf16 i8mm\n")  # aarch64
+    assert not cpu_has_native_bf16("flags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert not cpu_has_native_bf16("")
+    with pytest.raises(ValueError, match="dtype 'bf16' is not one of"):
+        evaluate.torch_dtype_for("bf16", "cpu")
+
+    exs = chat_examples(8)
+    for native in (True, False):
+        monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda native=native: native)
+        session = setup(tiny_hf, load_preset("tiny", learning_rate=1e-2, max_steps=4, dtype="bfloat16"))
+        weights = {n: p.dtype for n, p in session.model.named_parameters()}
+        assert {d for n, d in weights.items() if "lora_" in n} == {torch.float32}
+        assert {d for n, d in weights.items() if "lora_" not in n} == {torch.bfloat16 if native else torch.float32}
+        data, _ = encode_examples(exs, session.tokenizer)
+        items = [(d.ids, d.n_prompt) for d in data]
+        before = sum(response_losses(session.model, session.tokenizer, items))
+        fit(session, data, progress=False)
+        assert sum(response_losses(session.model, session.tokenizer, items)) < before
+
+
 def test_a_further_sitting_can_add_layers(tiny_hf: Path, tmp_path: Path) -> None:
     """An adapter on the top layer continues on every layer: the same function at the start (the added
     layers' LoRA starts at zero), more trainable weights, and it trains; dropping a layer is refused."""

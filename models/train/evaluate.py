@@ -75,11 +75,37 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, *, devi
     return model, tokenizer
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware: x86 AVX512-BF16 or AMX, Arm's BF16 extension.
+
+    Reads /proc/cpuinfo's flags (or the text given); False where it cannot be read.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
 def torch_dtype_for(dtype: str, device: str) -> "torch.dtype":
     import torch
 
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+    if dtype == "bfloat16" and device == "cpu" and not cpu_has_native_bf16():
+        # The CPU presets ask for bfloat16 because a CPU with AVX512-BF16 multiplies it ~4.6x faster than float32
+        # (models/EXPERIMENTS.md); one without it emulates bfloat16, slower than float32, so it trains in float32.
+        log.warning("bfloat16 asked for, but this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16): "
+                    "float32 instead")
+        return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 

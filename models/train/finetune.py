@@ -81,7 +81,9 @@ class FinetuneConfig:
     # draws one mask for the shared part). Not with gradient checkpointing, which turns the cache off.
     share_prefix: bool = True
     device: str = "auto"  # auto: cuda when present, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, else float32
+    # auto: bfloat16 on a GPU that has it, else float32. bfloat16 on a CPU without bfloat16 instructions
+    # trains in float32 (emulated bfloat16 is slower).
+    dtype: str = "auto"
     seed: int = 0
     split_seed: int = 0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -232,6 +234,7 @@ class Session:
     accelerator: Any
     parameters: int = 0
     trainable: int = 0
+    autocast: bool = False  # bfloat16 weights: the LoRA matmuls (float32 weights) in bfloat16 too
 
 
 def setup(base: str | Path, config: FinetuneConfig) -> Session:
@@ -245,8 +248,9 @@ def setup(base: str | Path, config: FinetuneConfig) -> Session:
         raise FileNotFoundError(f"{base}: no config.json (not a Hugging Face model folder)")
     device = pick_device(config.device)
     dtype = torch_dtype_for(config.dtype, device)
-    accelerator = Accelerator(cpu=device == "cpu",
-                              mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    # Mixed precision is fit()'s own autocast, not Accelerate's: Accelerate's is fixed for the whole process at
+    # its first Accelerator, and one process (the bot's nightly, the tests) may train in float32 and bfloat16.
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no")
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
@@ -309,7 +313,8 @@ def setup(base: str | Path, config: FinetuneConfig) -> Session:
     total = sum(p.numel() for p in model.parameters())
     log.info("LoRA r=%d on %s: %s trainable of %s parameters, device %s, %s", config.lora_r, base,
              f"{trainable:,}", f"{total:,}", accelerator.device, dtype)
-    return Session(model, tokenizer, str(accelerator.device), base, config, accelerator, total, trainable)
+    return Session(model, tokenizer, str(accelerator.device), base, config, accelerator, total, trainable,
+                   autocast=dtype == torch.bfloat16)
 
 
 def adapter_folder(path: str | Path) -> Path:
@@ -545,7 +550,7 @@ def fit(session: Session, data: Sequence[Encoded], *, progress: bool = True) -> 
                       if share and len(batch) > 1 else 0)
             sync = k == len(group) - 1
             ctx = acc.no_sync(wrapper) if not sync and acc.num_processes > 1 else _null()
-            with ctx:
+            with ctx, torch.autocast(torch.device(acc.device).type, dtype=torch.bfloat16, enabled=session.autocast):
                 loss = wrapper(ids, mask, weights, shared) / max(1, n_targets)
                 acc.backward(loss)
             step_loss += float(loss.detach())
