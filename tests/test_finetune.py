@@ -59,10 +59,11 @@ def test_presets_carry_the_papers_settings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lr_scheduler 'cosin' is not one of"):
         load_preset("tiny", lr_scheduler="cosin")
     assert FinetuneConfig.from_dict(paper.to_dict()) == paper
-    # the CPU nightly preset is the seed recipe's training with a test split big enough to promote on
+    # the CPU nightly preset is the seed recipe's training (one pass) with a test split big enough to promote on
     seed, nightly = load_preset("seed-cpu"), load_preset("nightly-cpu")
+    assert (seed.epochs, nightly.epochs, seed.dtype, nightly.dtype) == (2, 1, "bfloat16", "bfloat16")
     assert seed.decision_weight == 8 and seed.option_orders == "serve" and nightly.split_fractions[2] >= 0.1
-    same = ("preset", "split_fractions", "split_unit", "eval_max_examples")
+    same = ("preset", "split_fractions", "split_unit", "eval_max_examples", "epochs")
     assert nightly.replace(**{k: getattr(seed, k) for k in same}) == seed
 
 
