@@ -103,8 +103,8 @@ def torch_dtype_for(dtype: str, device: str) -> "torch.dtype":
     if dtype == "bfloat16" and device == "cpu" and not cpu_has_native_bf16():
         # The CPU presets ask for bfloat16 because a CPU with AVX512-BF16 multiplies it ~4.6x faster than float32
         # (models/EXPERIMENTS.md); one without it emulates bfloat16, slower than float32, so it trains in float32.
-        log.warning("bfloat16 asked for, but this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16): "
-                    "float32 instead")
+        log.warning("bfloat16 asked for, but /proc/cpuinfo lists no bfloat16 instructions (avx512_bf16, amx_bf16, "
+                    "bf16): float32 instead")
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
