@@ -75,6 +75,10 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, *, devi
     return model, tokenizer
 
 
+# The /proc/cpuinfo flags of bfloat16 arithmetic in hardware: x86 AVX512-BF16 and AMX, Arm's BF16 extension.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether the CPU multiplies bfloat16 in hardware: x86 AVX512-BF16 or AMX, Arm's BF16 extension.
 
@@ -88,8 +92,7 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
-            flags = set(value.split())
-            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+            return not BF16_FLAGS.isdisjoint(value.split())
     return False
 
 
@@ -98,15 +101,16 @@ def torch_dtype_for(dtype: str, device: str) -> "torch.dtype":
 
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(dtypes)}")
     if dtype == "bfloat16" and device == "cpu" and not cpu_has_native_bf16():
         # The CPU presets ask for bfloat16 because a CPU with AVX512-BF16 multiplies it ~4.6x faster than float32
         # (models/EXPERIMENTS.md); one without it emulates bfloat16, slower than float32, so it trains in float32.
-        log.warning("bfloat16 asked for, but /proc/cpuinfo lists no bfloat16 instructions (avx512_bf16, amx_bf16, "
-                    "bf16): float32 instead")
+        log.warning("bfloat16 asked for, but /proc/cpuinfo lists no bfloat16 instructions (%s): float32 instead",
+                    ", ".join(sorted(BF16_FLAGS)))
         return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return dtypes[dtype]
 
 
 def parameter_count(model: Any) -> int:
