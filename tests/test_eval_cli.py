@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,10 @@ def test_score_counts_forwarded_text() -> None:
     report = score(examples, perfect)
     assert report["decision"]["f1"] == 1.0 and report["rewrite"]["exact_match"] == 1.0
     assert report["gate"] == pytest.approx({"recall": 1.0, "specificity": 1.0, "skip_rate": 0.5, "sent_rate": 0.5,
-                                            "tp": 1, "fp": 0, "fn": 0, "tn": 1})
+                                            "tp": 1, "fp": 0, "fn": 0, "tn": 1, "sure_overruled": 0,
+                                            "sure_overruled_right": 0})
+    sure = score(examples, [replace(perfect[0], gate_sure=True), Outcome("needs", "x", True, 2.0, gate_sure=True)])
+    assert (sure["gate"]["sure_overruled"], sure["gate"]["sure_overruled_right"]) == (2, 1)
     wrong = [Outcome("not_needed", examples[0].question.text, False, 1.0), Outcome("needs", "x", True, 2.0)]
     bad = score(examples, wrong)
     assert bad["decision"]["f1"] == 0.0 and bad["decision"]["mcc"] == -1.0 and bad["gate"]["recall"] == 0.0

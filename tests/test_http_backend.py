@@ -212,6 +212,25 @@ def test_served_composition_gates_and_validates(serve) -> None:
     assert res.query(QUESTION.text) == QUESTION.text and len(server.requests) == 1
 
 
+def test_where_the_gate_is_sure_it_decides_and_the_rewrite_goes_on(serve) -> None:
+    """The server writes "needs" and a rewrite while its logprobs lean to "not needed": served as not needed, unless
+    the gate is sure the question needs resolution; then it is needed, and the server's rewrite is forwarded."""
+    from dataclasses import replace
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(completion("A\nBTW, how to deploy mmpose on TX2?", {"A": -2.0, "B": -0.2}))
+
+    resolver = load_resolver("http", url=serve(handler).url)
+    asked = resolver.resolve(WINDOW, QUESTION)
+    assert asked.decision == "not_needed" and asked.rewrite is None and not asked.gate_sure
+    resolver.gate = replace(resolver.gate, sure_threshold=0.0)
+    sure = resolver.resolve(WINDOW, QUESTION)
+    assert sure.decision == "needs" and sure.gate_sure
+    assert sure.query(QUESTION.text) == "BTW, how to deploy mmpose on TX2?"
+    resolver.gate = replace(resolver.gate, sure_threshold=None)
+    assert resolver.resolve(WINDOW, QUESTION).decision == "not_needed"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -356,9 +356,9 @@ async def test_a_line_addressing_the_bot_while_its_run_is_being_decided_is_not_l
     release = threading.Event()
 
     class HeldRules(RulesBackend):  # the real rules backend, held until the test lets it answer
-        def resolve(self, window, question, *, group=None):
+        def resolve(self, window, question, *, group=None, rewrite="auto"):
             release.wait(10)
-            return super().resolve(window, question, group=group)
+            return super().resolve(window, question, group=group, rewrite=rewrite)
 
     recorder = Recorder(tmp_path / "held.db", question_filter=QuestionFilter())
     recorder.start()

@@ -9,7 +9,7 @@ import pytest
 from corefbot.models.serve.gate import DEFAULT_PATH, Gate, features
 from corefbot.models.train.gate import OWN_DATA, default_training_examples
 from corefbot.models.serve.cues import cues, terms
-from corefbot.models.serve.rules import RulesBackend, pronoun_baseline, rewrite
+from corefbot.models.serve.rules import RulesBackend, pronoun_baseline, rewrite_question as rewrite
 from corefbot.pipeline.examples import load_unified
 from corefbot.pipeline.metrics import Confusion
 from corefbot.pipeline.records import Example, Turn
@@ -110,6 +110,8 @@ def test_shipped_gate_is_small_and_complete(gate: Gate) -> None:
     assert DEFAULT_PATH.stat().st_size < 400_000
     assert 0 < gate.threshold < gate.decision_threshold < 1 or gate.threshold <= gate.decision_threshold
     assert gate.meta["oof_recall"] >= 0.98  # chosen on out-of-fold training scores
+    # The rules backend decides "needs" below the sure side, so it need not honour rewrite="always" there.
+    assert gate.sure_threshold is not None and gate.decision_threshold < gate.sure_threshold < 1
     assert {"corefbot_zh", "corefbot_en"} <= set(gate.meta["sources"])
 
 
@@ -182,6 +184,18 @@ def _toy(n: int) -> list[Example]:
     return rows
 
 
+def test_the_sure_side_is_the_lowest_cut_that_keeps_the_precision() -> None:
+    from corefbot.models.serve.gate import _precision_threshold
+
+    scored = [(0.99, 1)] * 30 + [(0.9, 0)] + [(0.8, 1)] * 70 + [(0.5, 0)] * 5
+    assert _precision_threshold(scored, 0.99) == pytest.approx(0.8)  # 100 of 101 from 0.8 on
+    # a tie is selected whole: 100 of 102 from 0.8 on is under 0.99, whichever way the tie is ordered
+    assert _precision_threshold(scored + [(0.8, 0)], 0.99) == pytest.approx(0.99)
+    assert _precision_threshold(scored, 1.0) == pytest.approx(0.99)
+    assert _precision_threshold(scored, 1.0, min_selected=31) is None
+    assert _precision_threshold([(0.9, 0)] * 40, 0.5) is None
+
+
 def test_train_save_load_roundtrip(tmp_path: Path) -> None:
     data = _toy(40)
     gate = Gate.train(data, folds=4, epochs=4)
@@ -189,6 +203,7 @@ def test_train_save_load_roundtrip(tmp_path: Path) -> None:
     path = tmp_path / "gate.json"
     gate.save(path)
     again = Gate.load(path)
+    assert again.sure_threshold == gate.sure_threshold
     for e in data[:10]:
         assert again.probability(e.window, e.question) == pytest.approx(gate.probability(e.window, e.question), abs=1e-3)
         assert again.needs_model(e.window, e.question) == gate.needs_model(e.window, e.question)

@@ -12,7 +12,12 @@ Two thresholds come out of training, both chosen on out-of-fold predictions over
   same per language (``thresholds``: Chinese, other) where a language has enough positives — the two
   score on different scales (Chinese has no capitals or spaces to mark a name), so one pooled cut is
   too low for Chinese;
-- ``decision_threshold`` (the ``rules`` backend's decision): the one with the best out-of-fold Matthews correlation.
+- ``decision_threshold`` (the ``rules`` backend's decision): the one with the best out-of-fold Matthews correlation;
+- ``sure_threshold`` (the gate's other side): the lowest one whose out-of-fold precision is ≥ ``target_precision``
+  (0.99) on the classifier's own score, strong cues not counted (an anaphor alone is often wrong). A question scored
+  there needs resolution whatever a model's letter says; the model still writes its rewrite
+  (:class:`~corefbot.models.serve.resolver.Resolver`). The gate then decides where it is sure either way and the
+  model decides between.
 
 Rebuild the shipped model: ``python -m corefbot.models.train.gate`` (:mod:`corefbot.models.train.gate`).
 """
@@ -112,6 +117,19 @@ def _recall_threshold(scored: list[tuple[float, int]], target: float) -> float:
     return pos[k] - 1e-9
 
 
+def _precision_threshold(scored: list[tuple[float, int]], target: float, min_selected: int = 20) -> float | None:
+    """The lowest threshold whose selection (score ≥ it, at least ``min_selected`` rows) has precision ≥ target;
+    None where no such threshold exists."""
+    ranked = sorted(scored, key=lambda s: -s[0])
+    best, tp = None, 0
+    for n, (p, y) in enumerate(ranked, start=1):
+        tp += y
+        tie_ends = n == len(ranked) or ranked[n][0] != p  # a cut selects a tie whole
+        if tie_ends and n >= min_selected and tp >= target * n:
+            best = p - 1e-9
+    return best
+
+
 def _mcc_threshold(scored: list[tuple[float, int]]) -> float:
     from corefbot.pipeline.metrics import Confusion
 
@@ -131,6 +149,7 @@ class Gate:
     threshold: float
     decision_threshold: float = 0.5
     thresholds: dict[str, float] = field(default_factory=dict)  # per language() where trained; else ``threshold``
+    sure_threshold: float | None = None  # "needs" whatever the model says from this probability on; None: never
     meta: dict = field(default_factory=dict)
     override: frozenset[str] = STRONG_CUES
 
@@ -142,6 +161,10 @@ class Gate:
         """Whether a rule that alone sends the question on (an explicit anaphor, clear ellipsis) fires."""
         return bool(self.override & set(cues(window, question)))
 
+    def sure_needs(self, window: Sequence[Turn], question: Turn) -> bool:
+        """Whether the classifier alone is sure the question needs resolution (see ``sure_threshold``)."""
+        return self.sure_threshold is not None and self.probability(window, question) >= self.sure_threshold
+
     def needs_model(self, window: Sequence[Turn], question: Turn) -> bool:
         cut = self.thresholds.get(language(question.text), self.threshold)
         return self.strong_cue(window, question) or self.probability(window, question) >= cut
@@ -149,7 +172,8 @@ class Gate:
     @classmethod
     def train(cls, examples: Sequence[Example], *, target_recall: float = 0.99, folds: int = 5,
               epochs: int = 10, lr: float = 0.05, l2: float = 1e-3, min_count: int = 2, seed: int = 0,
-              max_source_weight: float = 4.0, min_language_positives: int = 100) -> "Gate":
+              max_source_weight: float = 4.0, min_language_positives: int = 100,
+              target_precision: float = 0.99) -> "Gate":
         """Fit on labelled examples ("unknown"/"not_question" rows are skipped); thresholds from out-of-fold scores."""
         from tqdm import tqdm
 
@@ -177,6 +201,7 @@ class Gate:
         # A row a strong cue already sends on counts as sent whatever its score: score it 1.
         strong = [bool(override & {f[2:] for f in feats if f.startswith("r:")}) for feats, _, _ in rows]
         held_order = [i for k in range(folds) for i, e in enumerate(usable) if fold_of[e.conversation] == k]
+        sure = _precision_threshold(scored, target_precision)
         scored = [(1.0 if strong[i] else p, y) for i, (p, y) in zip(held_order, scored)]
         threshold = _recall_threshold(scored, target_recall)
         decision = max(_mcc_threshold(scored), threshold)
@@ -191,18 +216,19 @@ class Gate:
         oof = Confusion.of([bool(y) for _, y in scored],
                            [p >= thresholds.get(l, threshold) for (p, _), l in zip(scored, langs)])
         meta = {"n": len(usable), "positives": sum(y for _, y, _ in rows), "sources": dict(per_source),
-                "target_recall": target_recall, "oof_recall": oof.recall, "oof_specificity": oof.specificity,
+                "target_recall": target_recall, "target_precision": target_precision, "oof_recall": oof.recall,
+                "oof_specificity": oof.specificity,
                 "hyper": {"epochs": epochs, "lr": lr, "l2": l2, "min_count": min_count, "folds": folds, "seed": seed,
                           "max_source_weight": max_source_weight, "min_language_positives": min_language_positives}}
         log.info("gate trained on %d examples: threshold %.4f, per language %s (oof recall %.3f, specificity %.3f), "
-                 "decision %.2f", len(usable), threshold, {k: round(v, 4) for k, v in thresholds.items()}, oof.recall,
-                 oof.specificity, decision)
-        return cls(weights=weights, threshold=threshold, decision_threshold=decision, thresholds=thresholds, meta=meta,
-                   override=override)
+                 "decision %.2f, sure %s", len(usable), threshold, {k: round(v, 4) for k, v in thresholds.items()},
+                 oof.recall, oof.specificity, decision, "never" if sure is None else f"{sure:.4f}")
+        return cls(weights=weights, threshold=threshold, decision_threshold=decision, thresholds=thresholds,
+                   sure_threshold=sure, meta=meta, override=override)
 
     def save(self, path: str | Path) -> None:
         doc = {"format": FORMAT, "threshold": self.threshold, "thresholds": self.thresholds,
-               "decision_threshold": self.decision_threshold,
+               "decision_threshold": self.decision_threshold, "sure_threshold": self.sure_threshold,
                "override": sorted(self.override), "meta": self.meta, "weights": dict(sorted(self.weights.items()))}
         Path(path).write_text(json.dumps(doc, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
@@ -224,5 +250,7 @@ class Gate:
                 raise ValueError(f"gate model {path}: missing key {key!r}")
         return cls(weights={str(k): float(v) for k, v in doc["weights"].items()}, threshold=float(doc["threshold"]),
                    decision_threshold=float(doc.get("decision_threshold", 0.5)),
-                   thresholds={str(k): float(v) for k, v in doc.get("thresholds", {}).items()}, meta=doc.get("meta", {}),
+                   thresholds={str(k): float(v) for k, v in doc.get("thresholds", {}).items()},
+                   sure_threshold=None if doc.get("sure_threshold") is None else float(doc["sure_threshold"]),
+                   meta=doc.get("meta", {}),
                    override=frozenset(doc["override"]) if "override" in doc else STRONG_CUES)

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Mapping, Sequence
 
-from corefbot.models.serve.types import Resolution
+from corefbot.models.serve.types import Resolution, RewriteMode
 from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, SYSTEM, Prompt, build_prompt, parse_response
 from corefbot.pipeline.records import Decision, Turn
 
@@ -90,23 +90,26 @@ class HttpBackend:
 
     # -- the Backend protocol --------------------------------------------------------------------
 
-    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None) -> Resolution:
+    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None,
+                rewrite: RewriteMode = "auto") -> Resolution:
         start = time.perf_counter()
         prompt = build_prompt(window, question, SERVE_ORDER)
         choice = self._complete(prompt)
         text = _message_text(choice, self.url)
-        decision, rewrite = parse_response(prompt, text)
+        written, line = parse_response(prompt, text)
+        decision = written
         probs = self._probs(prompt, choice)
         if probs is not None:
             decision = max(probs, key=probs.__getitem__)
-            if parse_response(prompt, text)[0] != decision:
-                rewrite = None  # the rewrite belongs to the letter the server wrote, not to this decision
         elif decision is not None:
             probs = {d: float(d == decision) for d in SERVE_ORDER}
         else:
             log.warning("http resolver %s: unreadable answer %r; deciding 'unknown'", self.url, text[:200])
             decision, probs = "unknown", {"needs": 0.0, "not_needed": 0.0, "unknown": 1.0}
-        return Resolution(decision, probs, rewrite if decision == "needs" else None, backend=self.name,
+        # The line belongs to the letter the server wrote, which the logprobs may have overruled: kept for a "needs"
+        # decision only where the server wrote "needs" too, or where it is asked for whatever the decision.
+        keep = written == "needs" and (rewrite == "always" or (rewrite == "auto" and decision == "needs"))
+        return Resolution(decision, probs, line if keep else None, backend=self.name,
                           latency_ms=(time.perf_counter() - start) * 1000)
 
     def observe(self, group: str, window: Sequence[Turn]) -> None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar, get_args
 
-from corefbot.models.serve.types import DecideBy, DecideSetting, Resolution
+from corefbot.models.serve.types import DecideBy, DecideSetting, Resolution, RewriteMode
 from corefbot.models.serve.validate import adds_content, allowed_cjk, validate_rewrite
 from corefbot.pipeline.prompt import LETTERS, SERVE_ORDER, Prompt, build_prompt, chatml_prefix, one_line
 from corefbot.pipeline.records import Decision, Turn
@@ -66,9 +66,6 @@ QUESTION_RESERVE = 384
 _OBSERVE_CHUNK = 64  # prefill granularity: a waiting question pre-empts a prefill within one chunk
 
 
-#: "auto": rewrite when the decision is "needs"; "always": also when it is not (rewrite quality is
-#: evaluated against gold rewrites whatever the decision); "never": decision only.
-RewriteMode = Literal["auto", "always", "never"]
 DECIDE_FILE = "decide.json"
 
 

@@ -41,7 +41,12 @@ class Resolver:
             res = Resolution("not_needed", {"needs": 0.0, "not_needed": 1.0, "unknown": 0.0},
                              backend=self.backend.name, gated=True)
         else:
-            res = self.backend.resolve(window, question, group=group)
+            # Where the gate is sure the question needs resolution it decides so, and the backend writes the rewrite
+            # whatever its own letter says: the model decides between the gate's two sure sides.
+            sure = self.gate is not None and self.gate.sure_needs(window, question)  # type: ignore[attr-defined]
+            res = self.backend.resolve(window, question, group=group, rewrite="always" if sure else "auto")
+            if sure and res.decision != "needs":
+                res = replace(res, decision="needs", gate_sure=True)
             if self.validate and res.decision == "needs" and res.rewrite:
                 from corefbot.models.serve.validate import validate_rewrite
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from corefbot.models.serve.cues import EN_STOP, ZH_INITIAL, ZH_PERSONAL, en_words, terms
-from corefbot.models.serve.types import Resolution
+from corefbot.models.serve.types import Resolution, RewriteMode
 from corefbot.pipeline.prompt import one_line
 from corefbot.pipeline.records import Turn
 from corefbot.pipeline.text import HAS_CJK as _HAS_CJK
@@ -109,7 +109,7 @@ def _is_number_like(term: str) -> bool:
 _EN_SUBST = re.compile(r"\b(it|they|them|this|that|these|those|he|she|him|her|its|their|his)\b(?!\s+(?:is|are|was|were)\b\s*$)", re.I)
 
 
-def rewrite(window: Sequence[Turn], question: Turn) -> str | None:
+def rewrite_question(window: Sequence[Turn], question: Turn) -> str | None:
     """A nearest-antecedent rewrite (one line, as forwarded), or None when the window offers nothing."""
     lines = [line for line in question.text.splitlines() if line.strip()]
     if len(lines) > 1 and any(terms(line) for line in lines[:-1]):
@@ -167,7 +167,10 @@ class RulesBackend:
             self.gate = Gate.load()
         return self.gate
 
-    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None) -> "Resolution":
+    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None,
+                rewrite: RewriteMode = "auto") -> "Resolution":
+        # rewrite="always" changes nothing here: the Resolver asks for it where the gate is sure, and this
+        # backend decides "needs" (and rewrites) below that point (decision_threshold < sure_threshold).
         gate = self._gate()
         p = gate.probability(window, question)
         strong = gate.strong_cue(window, question)
@@ -178,7 +181,7 @@ class RulesBackend:
         doubt = 0.0 if strong else max(0.0, 0.2 - abs(p - gate.decision_threshold)) / 0.2 * 0.2
         probs = {"needs": p * (1 - doubt), "not_needed": (1 - p) * (1 - doubt), "unknown": doubt}
         if needs:
-            return Resolution("needs", probs, rewrite=rewrite(window, question), backend=self.name)
+            return Resolution("needs", probs, rewrite=rewrite_question(window, question), backend=self.name)
         return Resolution("not_needed", probs, backend=self.name)
 
     def observe(self, group: str, window: Sequence[Turn]) -> None:

@@ -9,6 +9,10 @@ from corefbot.pipeline.records import Decision, Turn
 BackendName = Literal["rules", "llama-cpp", "http"]
 BACKENDS: tuple[BackendName, ...] = ("rules", "llama-cpp", "http")
 
+#: When a backend writes the rewrite. "auto": when it decides "needs"; "always": whatever it decides (the gate is sure
+#: the question needs resolution, see ``Resolver``; and rewrite quality is evaluated against gold rewrites whatever the
+#: decision); "never": the decision only.
+RewriteMode = Literal["auto", "always", "never"]
 #: How the llama-cpp backend decides. "letter": the option letters' logits (the paper's single choice; with a run
 #: folder's measured ``letter_threshold``, "needs" from that probability on, see ``llama.ServedModel``). "rewrite":
 #: the model rewrites every question after the "needs" letter and the question needs resolution exactly when its
@@ -34,6 +38,7 @@ class Resolution:
     rewrite: str | None = None  # the self-contained question, when the decision is "needs"
     backend: str = ""
     gated: bool = False  # True when the gate answered and no model ran
+    gate_sure: bool = False  # True when the gate was sure it needs resolution and so decided, over the backend
     rejected_rewrite: str | None = None  # a rewrite that failed validation (kept for the log)
     reject_reason: str | None = None
     latency_ms: float = 0.0
@@ -54,7 +59,8 @@ class Backend(Protocol):
 
     name: str
 
-    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None) -> Resolution: ...
+    def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None,
+                rewrite: RewriteMode = "auto") -> Resolution: ...
 
     def observe(self, group: str, window: Sequence[Turn]) -> None:
         """A new message arrived in ``group``: a backend may prefill its state for the next question."""

@@ -51,6 +51,7 @@ class Outcome:
     rejected_rewrite: str | None = None  # the model's rewrite that failed validation (the question went as asked)
     error: str | None = None
     p_needs: float | None = None  # the backend's probability of "needs" (None where it gives none)
+    gate_sure: bool = False  # the gate was sure it needs resolution where the backend decided otherwise
 
     @property
     def rejected(self) -> bool:
@@ -107,7 +108,8 @@ def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: st
         else:  # --no-gate: everything went to the model
             sent = True
         return Outcome(res.decision, res.query(e.question.text), sent, (time.perf_counter() - start) * 1000,
-                       rejected_rewrite=res.rejected_rewrite, p_needs=res.probs.get("needs") if res.probs else None)
+                       rejected_rewrite=res.rejected_rewrite, p_needs=res.probs.get("needs") if res.probs else None,
+                       gate_sure=res.gate_sure)
     return predict, resolver.close
 
 
@@ -117,7 +119,7 @@ def row_record(e: Example, o: Outcome) -> dict[str, Any]:
     scored = e.label == "needs" and bool(e.rewrite)
     return {"id": e.id, "lang": e.lang, "question": e.question.text, "gold": e.label, "decision": o.decision,
             "p_needs": None if o.p_needs is None else round(o.p_needs, 4),
-            "sent_to_model": o.sent_to_model, "forwarded": o.forwarded, "gold_rewrite": e.rewrite,
+            "sent_to_model": o.sent_to_model, "gate_sure": o.gate_sure, "forwarded": o.forwarded, "gold_rewrite": e.rewrite,
             "refused_rewrite": o.rejected_rewrite,
             "exact_match": exact_match(o.forwarded, e.rewrite or "") if scored else None,
             "token_f1": token_f1(o.forwarded, e.rewrite or "") if scored else None,
@@ -160,7 +162,10 @@ def score(examples: Sequence[Example], outcomes: Sequence[Outcome]) -> dict[str,
     gate = {"recall": gate_conf.recall, "specificity": gate_conf.specificity,
             "skip_rate": _div(sum(not o.sent_to_model for o in outcomes), len(outcomes)),
             "sent_rate": _div(sum(o.sent_to_model for o in outcomes), len(outcomes)),
-            "tp": gate_conf.tp, "fp": gate_conf.fp, "fn": gate_conf.fn, "tn": gate_conf.tn}
+            "tp": gate_conf.tp, "fp": gate_conf.fp, "fn": gate_conf.fn, "tn": gate_conf.tn,
+            # "needs" where the gate was sure and the model's letter said otherwise, and how many of them were right
+            "sure_overruled": sum(o.gate_sure for o in outcomes),
+            "sure_overruled_right": sum(o.gate_sure and e.label == "needs" for e, o in zip(examples, outcomes))}
     lat = [o.latency_ms for o in outcomes]
     latency = {"p50": percentile(lat, 50), "p95": percentile(lat, 95), "mean": statistics.fmean(lat) if lat else 0.0}
 
@@ -260,7 +265,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
            f"{r['rejected_exact_match']:.3f}, token F1 {r['rejected_token_f1']:.3f} (forwarded as asked: "
            f"{r['rejected_as_asked_token_f1']:.3f})"] if r.get("rejected_needs") else []),
         f"gate      recall {g['recall']:.3f}  specificity {g['specificity']:.3f}  skip rate {g['skip_rate']:.3f}  "
-        f"sent to model {g['sent_rate']:.3f}",
+        f"sent to model {g['sent_rate']:.3f}"
+        + (f"  sure over the model {g['sure_overruled']} ({g['sure_overruled_right']} right)" if g.get("sure_overruled") else ""),
         f"latency   p50 {lat['p50']:.2f} ms  p95 {lat['p95']:.2f} ms",
     ]
     for lang, m in report.get("by_lang", {}).items():
