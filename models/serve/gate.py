@@ -33,7 +33,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 from corefbot.models.serve.cues import STRONG_CUES, cues
 from corefbot.pipeline.records import Example, Turn
@@ -42,6 +42,7 @@ from corefbot.pipeline.text import language
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = Path(__file__).with_name("gate_model.json")
+GateSide = Literal["skip", "model", "sure"]
 FORMAT = "corefbot-gate/1"
 
 
@@ -71,6 +72,11 @@ def features(window: Sequence[Turn], question: Turn) -> list[str]:
         feats.append(f"w0:{words[0]}")
         feats.append(f"w01:{' '.join(words[:2])}")
     return list(dict.fromkeys(feats))
+
+
+def _cue_fires(feats: Iterable[str], override: frozenset[str]) -> bool:
+    """Whether one of ``override``'s cues is among a question's features (its ``r:`` ones)."""
+    return any(f.startswith("r:") and f[2:] in override for f in feats)
 
 
 def _sigmoid(z: float) -> float:
@@ -143,7 +149,7 @@ def _mcc_threshold(scored: list[tuple[float, int]]) -> float:
 
 @dataclass
 class Gate:
-    """Rules + a character n-gram logistic regression. ``needs_model`` is the gate's one question."""
+    """Rules + a character n-gram logistic regression. ``side`` is the gate's one question."""
 
     weights: dict[str, float]
     threshold: float
@@ -161,13 +167,18 @@ class Gate:
         """Whether a rule that alone sends the question on (an explicit anaphor, clear ellipsis) fires."""
         return bool(self.override & set(cues(window, question)))
 
-    def sure_needs(self, window: Sequence[Turn], question: Turn) -> bool:
-        """Whether the classifier alone is sure the question needs resolution (see ``sure_threshold``)."""
-        return self.sure_threshold is not None and self.probability(window, question) >= self.sure_threshold
+    def side(self, window: Sequence[Turn], question: Turn) -> GateSide:
+        """Where the question falls: "skip" (no sign it needs resolution: no model runs), "sure" (it needs resolution
+        whatever a model says, see ``sure_threshold``) or "model" (the model decides). One feature pass."""
+        feats = features(window, question)
+        p = _score(self.weights, feats)
+        cut = self.thresholds.get(language(question.text), self.threshold)
+        if not (_cue_fires(feats, self.override) or p >= cut):
+            return "skip"
+        return "sure" if self.sure_threshold is not None and p >= self.sure_threshold else "model"
 
     def needs_model(self, window: Sequence[Turn], question: Turn) -> bool:
-        cut = self.thresholds.get(language(question.text), self.threshold)
-        return self.strong_cue(window, question) or self.probability(window, question) >= cut
+        return self.side(window, question) != "skip"
 
     @classmethod
     def train(cls, examples: Sequence[Example], *, target_recall: float = 0.99, folds: int = 5,
@@ -199,7 +210,7 @@ class Gate:
         weights = _fit(rows, **kw)
         override = STRONG_CUES
         # A row a strong cue already sends on counts as sent whatever its score: score it 1.
-        strong = [bool(override & {f[2:] for f in feats if f.startswith("r:")}) for feats, _, _ in rows]
+        strong = [_cue_fires(feats, override) for feats, _, _ in rows]
         held_order = [i for k in range(folds) for i, e in enumerate(usable) if fold_of[e.conversation] == k]
         sure = _precision_threshold(scored, target_precision)
         scored = [(1.0 if strong[i] else p, y) for i, (p, y) in zip(held_order, scored)]

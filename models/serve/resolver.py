@@ -37,13 +37,14 @@ class Resolver:
 
     def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None) -> Resolution:
         start = time.perf_counter()
-        if self.gate is not None and not self.gate.needs_model(window, question):  # type: ignore[attr-defined]
+        side = self.gate.side(window, question) if self.gate is not None else "model"  # type: ignore[attr-defined]
+        if side == "skip":
             res = Resolution("not_needed", {"needs": 0.0, "not_needed": 1.0, "unknown": 0.0},
                              backend=self.backend.name, gated=True)
         else:
             # Where the gate is sure the question needs resolution it decides so, and the backend writes the rewrite
             # whatever its own letter says: the model decides between the gate's two sure sides.
-            sure = self.gate is not None and self.gate.sure_needs(window, question)  # type: ignore[attr-defined]
+            sure = side == "sure"
             res = self.backend.resolve(window, question, group=group, rewrite="always" if sure else "auto")
             if sure and res.decision != "needs":
                 res = replace(res, decision="needs", gate_sure=True)

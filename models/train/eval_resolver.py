@@ -119,7 +119,8 @@ def row_record(e: Example, o: Outcome) -> dict[str, Any]:
     scored = e.label == "needs" and bool(e.rewrite)
     return {"id": e.id, "lang": e.lang, "question": e.question.text, "gold": e.label, "decision": o.decision,
             "p_needs": None if o.p_needs is None else round(o.p_needs, 4),
-            "sent_to_model": o.sent_to_model, "gate_sure": o.gate_sure, "forwarded": o.forwarded, "gold_rewrite": e.rewrite,
+            "sent_to_model": o.sent_to_model, "gate_sure": o.gate_sure, "forwarded": o.forwarded,
+            "gold_rewrite": e.rewrite,
             "refused_rewrite": o.rejected_rewrite,
             "exact_match": exact_match(o.forwarded, e.rewrite or "") if scored else None,
             "token_f1": token_f1(o.forwarded, e.rewrite or "") if scored else None,
@@ -266,7 +267,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
            f"{r['rejected_as_asked_token_f1']:.3f})"] if r.get("rejected_needs") else []),
         f"gate      recall {g['recall']:.3f}  specificity {g['specificity']:.3f}  skip rate {g['skip_rate']:.3f}  "
         f"sent to model {g['sent_rate']:.3f}"
-        + (f"  sure over the model {g['sure_overruled']} ({g['sure_overruled_right']} right)" if g.get("sure_overruled") else ""),
+        + (f"  sure over the model {g['sure_overruled']} ({g['sure_overruled_right']} right)"
+           if g.get("sure_overruled") else ""),
         f"latency   p50 {lat['p50']:.2f} ms  p95 {lat['p95']:.2f} ms",
     ]
     for lang, m in report.get("by_lang", {}).items():
