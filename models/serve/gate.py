@@ -159,21 +159,22 @@ class Gate:
     meta: dict = field(default_factory=dict)
     override: frozenset[str] = STRONG_CUES
 
+    def evidence(self, window: Sequence[Turn], question: Turn) -> tuple[float, bool]:
+        """From one feature pass: the classifier's probability that the question needs resolution, and whether a
+        rule that alone sends the question on (an explicit anaphor, clear ellipsis) fires."""
+        feats = features(window, question)
+        return _score(self.weights, feats), _cue_fires(feats, self.override)
+
     def probability(self, window: Sequence[Turn], question: Turn) -> float:
         """The classifier's probability that the question needs resolution."""
         return _score(self.weights, features(window, question))
 
-    def strong_cue(self, window: Sequence[Turn], question: Turn) -> bool:
-        """Whether a rule that alone sends the question on (an explicit anaphor, clear ellipsis) fires."""
-        return bool(self.override & set(cues(window, question)))
-
     def side(self, window: Sequence[Turn], question: Turn) -> GateSide:
         """Where the question falls: "skip" (no sign it needs resolution: no model runs), "sure" (it needs resolution
-        whatever a model says, see ``sure_threshold``) or "model" (the model decides). One feature pass."""
-        feats = features(window, question)
-        p = _score(self.weights, feats)
+        whatever a model says, see ``sure_threshold``) or "model" (the model decides)."""
+        p, strong = self.evidence(window, question)
         cut = self.thresholds.get(language(question.text), self.threshold)
-        if not (_cue_fires(feats, self.override) or p >= cut):
+        if not (strong or p >= cut):
             return "skip"
         return "sure" if self.sure_threshold is not None and p >= self.sure_threshold else "model"
 

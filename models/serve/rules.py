@@ -172,8 +172,7 @@ class RulesBackend:
         # rewrite="always" changes nothing here: the Resolver asks for it where the gate is sure, and this
         # backend decides "needs" (and rewrites) below that point (decision_threshold < sure_threshold).
         gate = self._gate()
-        p = gate.probability(window, question)
-        strong = gate.strong_cue(window, question)
+        p, strong = gate.evidence(window, question)
         needs = strong or p >= gate.decision_threshold
         if strong:  # an explicit anaphor: confident, but the classifier still shades the confidence
             p = 0.75 + 0.25 * p
