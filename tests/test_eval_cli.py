@@ -121,9 +121,11 @@ def test_score_counts_forwarded_text() -> None:
     assert report["decision"]["f1"] == 1.0 and report["rewrite"]["exact_match"] == 1.0
     assert report["gate"] == pytest.approx({"recall": 1.0, "specificity": 1.0, "skip_rate": 0.5, "sent_rate": 0.5,
                                             "tp": 1, "fp": 0, "fn": 0, "tn": 1, "sure_overruled": 0,
-                                            "sure_overruled_right": 0})
+                                            "sure_overruled_right": 0, "swayed": 0, "swayed_right": 0})
     sure = score(examples, [replace(perfect[0], gate_sure=True), Outcome("needs", "x", True, 2.0, gate_sure=True)])
     assert (sure["gate"]["sure_overruled"], sure["gate"]["sure_overruled_right"]) == (2, 1)
+    swayed = score(examples, [replace(perfect[0], gate_swayed=True), Outcome("needs", "x", True, 2.0, gate_swayed=True)])
+    assert (swayed["gate"]["swayed"], swayed["gate"]["swayed_right"]) == (2, 1)
     wrong = [Outcome("not_needed", examples[0].question.text, False, 1.0), Outcome("needs", "x", True, 2.0)]
     bad = score(examples, wrong)
     assert bad["decision"]["f1"] == 0.0 and bad["decision"]["mcc"] == -1.0 and bad["gate"]["recall"] == 0.0
@@ -144,20 +146,28 @@ def test_score_counts_forwarded_text() -> None:
     assert r["rejected_as_asked_token_f1"] == pytest.approx(r["as_asked_token_f1"]) and r["as_asked_token_f1"] < 1.0
 
 
-def test_http_backend_eval_with_the_gate(tmp_path: Path) -> None:
+def test_http_backend_eval_with_the_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.json_response(completion("A", {"A": -0.1, "B": -2.5, "C": -4.0}))
 
     server = LoopbackServer(handler)
     try:
         report = run_eval(tmp_path, "--backend", "http", "--url", server.url, "--split", "test", str(ZH))
+        asked = len(server.requests)
+        monkeypatch.setenv("COREFBOT_WEIGH_GATE", "false")
+        alone = run_eval(tmp_path, "--backend", "http", "--url", server.url, "--split", "test", str(ZH))
     finally:
         server.close()
     n = len(load_unified(ZH, split="test"))
     check_shape(report, n)
     # Only what the gate sent reached the server; the rest was answered "not needed" without it.
-    assert len(server.requests) == report["gate"]["tp"] + report["gate"]["fp"] < n
-    assert report["decision"]["tp"] + report["decision"]["fp"] == len(server.requests)
+    assert asked == report["gate"]["tp"] + report["gate"]["fp"] < n
+    # The server's letter says "needs" every time; only where the gate's probability outweighed it was it turned.
+    d, g = report["decision"], report["gate"]
+    assert d["tp"] + d["fp"] + g["swayed"] == asked and g["swayed"] > 0 and report["weigh_gate"]
+    # As configured for the bot: the letter alone.
+    assert not alone["weigh_gate"] and alone["gate"]["swayed"] == 0
+    assert alone["decision"]["tp"] + alone["decision"]["fp"] == asked
 
 
 @pytest.mark.slow

@@ -218,17 +218,44 @@ def test_where_the_gate_is_sure_it_decides_and_the_rewrite_goes_on(serve) -> Non
     from dataclasses import replace
 
     async def handler(request: web.Request) -> web.Response:
-        return web.json_response(completion("A\nBTW, how to deploy mmpose on TX2?", {"A": -2.0, "B": -0.2}))
+        # A letter sure enough that the gate's probability weighed with it does not turn it (see the next test).
+        return web.json_response(completion("A\nBTW, how to deploy mmpose on TX2?", {"A": -6.0, "B": -0.01}))
 
     resolver = load_resolver("http", url=serve(handler).url)
     asked = resolver.resolve(WINDOW, QUESTION)
-    assert asked.decision == "not_needed" and asked.rewrite is None and not asked.gate_sure
+    assert asked.decision == "not_needed" and asked.rewrite is None and not asked.gate_sure and not asked.gate_swayed
     resolver.gate = replace(resolver.gate, sure_threshold=0.0)
     sure = resolver.resolve(WINDOW, QUESTION)
     assert sure.decision == "needs" and sure.gate_sure
     assert sure.query(QUESTION.text) == "BTW, how to deploy mmpose on TX2?"
     resolver.gate = replace(resolver.gate, sure_threshold=None)
     assert resolver.resolve(WINDOW, QUESTION).decision == "not_needed"
+
+
+def test_between_the_sure_sides_the_gates_probability_is_weighed_with_the_letter(serve) -> None:
+    """The letter leans to "not needed" (p 0.23) where the gate gives 0.96: the log-odds add up to "needs", and the
+    rewrite is asked for; a question the gate finds plainly self-contained is turned the other way."""
+    from dataclasses import replace
+
+    letters = {"A": -1.5, "B": -0.3}
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(completion("A\nBTW, how to deploy mmpose on TX2?", letters))
+
+    server = serve(handler)
+    resolver = load_resolver("http", url=server.url)
+    res = resolver.resolve(WINDOW, QUESTION)
+    assert res.probs["needs"] < 0.5 < res.gate_p and res.decision == "needs" and res.gate_swayed
+    assert res.query(QUESTION.text) == "BTW, how to deploy mmpose on TX2?" and len(server.requests) == 2
+    alone = replace(resolver, weigh_gate=False).resolve(WINDOW, QUESTION)
+    assert alone.decision == "not_needed" and not alone.gate_swayed and alone.gate_p == res.gate_p
+    # A letter leaning to "needs" (p 0.62) on a question the gate scores near 0, sent to the model anyway.
+    letters.update(A=-0.5, B=-1.0)
+    plain = Turn("u3", "How do I install CUDA 11.8 on Ubuntu 22.04?", 3.0)
+    resolver.gate = replace(resolver.gate, threshold=0.0, thresholds={})
+    turned = resolver.resolve(WINDOW, plain)
+    assert turned.probs["needs"] > 0.5 and turned.decision == "not_needed" and turned.gate_swayed
+    assert turned.rewrite is None and turned.query(plain.text) == plain.text
 
 
 def _free_port() -> int:

@@ -231,6 +231,29 @@ def test_load_resolver_serves_the_gguf(tiny_gguf: Path):
         resolver.close()
 
 
+@pytest.mark.parametrize("bias", [30.0, -30.0])
+def test_a_gate_all_but_certain_turns_the_letter_and_a_question_turned_to_needs_is_rewritten(backend: LlamaBackend,
+                                                                                              bias: float):
+    """Between the gate's sure sides its log-odds are added to the letter's: a gate this certain decides every
+    question, and one it turns to "needs" gets the rewrite a second call on the same prompt writes."""
+    from corefbot.models.serve.gate import Gate
+    from corefbot.models.serve.resolver import Resolver
+
+    resolver = Resolver(backend=backend, gate=Gate(weights={"bias": bias}, threshold=0.0), validate=False)
+    turned = 0
+    for q in QUESTIONS:
+        alone = backend.resolve(WINDOW, q)
+        res = resolver.resolve(WINDOW, q)
+        assert (res.decision == "needs") == (bias > 0) and res.probs == pytest.approx(alone.probs, abs=1e-6)
+        assert res.gate_swayed == ((alone.decision == "needs") != (bias > 0))
+        turned += res.gate_swayed
+        if bias > 0 and res.gate_swayed:
+            assert res.rewrite == backend.resolve(WINDOW, q, rewrite="always").rewrite
+        if bias < 0:
+            assert res.rewrite is None
+    assert turned  # the tiny model's letters are not all on the gate's side
+
+
 def test_a_prefill_stops_paying_off_once_a_newer_message_slides_the_window():
     from corefbot.models.serve.llama import _Job, _prefill_pays_off
 

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                       url=args.url or cfg.corefbot_resolver_url, http_model=args.http_model or cfg.corefbot_resolver_model,
                       api_key=args.api_key or cfg.corefbot_resolver_key, n_threads=args.threads or cfg.corefbot_resolver_threads,
                       gate_path=args.gate or cfg.corefbot_gate_path, decide_by=args.decide_by or cfg.corefbot_decide_by,
-                      rows=args.rows)
+                      weigh_gate=cfg.corefbot_weigh_gate, rows=args.rows)
     report["data"] = str(args.data)
     report["split"] = args.split
     for line in summary_lines(report):

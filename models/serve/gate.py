@@ -17,7 +17,7 @@ Two thresholds come out of training, both chosen on out-of-fold predictions over
   (0.99) on the classifier's own score, strong cues not counted (an anaphor alone is often wrong). A question scored
   there needs resolution whatever a model's letter says; the model still writes its rewrite
   (:class:`~corefbot.models.serve.resolver.Resolver`). The gate then decides where it is sure either way and the
-  model decides between.
+  model decides between, with the gate's probability weighed in.
 
 Rebuild the shipped model: ``python -m corefbot.models.train.gate`` (:mod:`corefbot.models.train.gate`).
 """
@@ -169,14 +169,20 @@ class Gate:
         """The classifier's probability that the question needs resolution."""
         return _score(self.weights, features(window, question))
 
-    def side(self, window: Sequence[Turn], question: Turn) -> GateSide:
-        """Where the question falls: "skip" (no sign it needs resolution: no model runs), "sure" (it needs resolution
-        whatever a model says, see ``sure_threshold``) or "model" (the model decides)."""
+    def assess(self, window: Sequence[Turn], question: Turn) -> tuple[GateSide, float]:
+        """Where the question falls, and the classifier's probability behind it: "skip" (no sign it needs
+        resolution: no model runs), "sure" (it needs resolution whatever a model says, see ``sure_threshold``) or
+        "model" (the model decides, the probability weighed with its letter: see
+        :class:`~corefbot.models.serve.resolver.Resolver`)."""
         p, strong = self.evidence(window, question)
         cut = self.thresholds.get(language(question.text), self.threshold)
         if not (strong or p >= cut):
-            return "skip"
-        return "sure" if self.sure_threshold is not None and p >= self.sure_threshold else "model"
+            return "skip", p
+        return ("sure" if self.sure_threshold is not None and p >= self.sure_threshold else "model"), p
+
+    def side(self, window: Sequence[Turn], question: Turn) -> GateSide:
+        """Where the question falls (see :meth:`assess`)."""
+        return self.assess(window, question)[0]
 
     def needs_model(self, window: Sequence[Turn], question: Turn) -> bool:
         return self.side(window, question) != "skip"

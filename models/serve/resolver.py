@@ -9,6 +9,7 @@ go through :func:`load_resolver`, so they measure what is served.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,13 +23,36 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+def _log_odds(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)  # a backend without probabilities gives 0/1: its word then stands
+    return math.log(p / (1 - p))
+
+
+def _letter_cut(backend: Backend) -> float | None:
+    """The log-odds of "needs" from which ``backend``'s letter decides "needs" (0: the likelier side; a measured
+    threshold moves it), or None where its decision is not the letter's (the rewrite decides)."""
+    if getattr(backend, "decide_by", "letter") != "letter":
+        return None
+    threshold = getattr(backend, "needs_threshold", None)
+    return 0.0 if threshold is None else _log_odds(threshold)
+
+
 @dataclass
 class Resolver:
-    """Gate → backend → rewrite validation. Thread-compatible as far as the backend is."""
+    """Gate → backend → rewrite validation. Thread-compatible as far as the backend is.
+
+    Between the gate's two sure sides the model's letter decides, with the gate's probability weighed in
+    (``weigh_gate``): "needs" where the two log-odds add up to the letter's own cut, as two independent
+    detectors with even priors would. The gate reads the question's surface (「那 Windows 呢？」 is an
+    ellipsis whatever the topic) and the model its window, and the two err on different questions
+    (measured: models/EXPERIMENTS.md). Where the sum turns the letter, the decision is the sum's; a
+    question turned to "needs" gets its rewrite from a second call with the same prompt (cached)."""
 
     backend: Backend
     gate: "object | None" = None  # corefbot.models.serve.gate.Gate; typed loosely to keep the import lazy
     validate: bool = True
+    weigh_gate: bool = True
     fallback_reason: str | None = field(default=None)  # set when a configured model could not load
 
     @property
@@ -37,17 +61,19 @@ class Resolver:
 
     def resolve(self, window: Sequence[Turn], question: Turn, *, group: str | None = None) -> Resolution:
         start = time.perf_counter()
-        side = self.gate.side(window, question) if self.gate is not None else "model"  # type: ignore[attr-defined]
+        side, p_gate = self.gate.assess(window, question) if self.gate is not None else ("model", None)  # type: ignore[attr-defined]
         if side == "skip":
             res = Resolution("not_needed", {"needs": 0.0, "not_needed": 1.0, "unknown": 0.0},
                              backend=self.backend.name, gated=True)
         else:
             # Where the gate is sure the question needs resolution it decides so, and the backend writes the rewrite
-            # whatever its own letter says: the model decides between the gate's two sure sides.
+            # whatever its own letter says; between its two sure sides the model decides, the gate weighed in.
             sure = side == "sure"
             res = self.backend.resolve(window, question, group=group, rewrite="always" if sure else "auto")
             if sure and res.decision != "needs":
                 res = replace(res, decision="needs", gate_sure=True)
+            elif not sure and p_gate is not None and self.weigh_gate:
+                res = self._weigh(res, p_gate, window, question, group)
             if self.validate and res.decision == "needs" and res.rewrite:
                 from corefbot.models.serve.validate import validate_rewrite
 
@@ -55,7 +81,22 @@ class Resolver:
                 if not ok:
                     log.warning("rewrite rejected (%s): %r -> %r", reason, question.text, res.rewrite)
                     res = replace(res, rewrite=None, rejected_rewrite=res.rewrite, reject_reason=reason)
-        return replace(res, latency_ms=(time.perf_counter() - start) * 1000)
+        return replace(res, gate_p=p_gate, latency_ms=(time.perf_counter() - start) * 1000)
+
+    def _weigh(self, res: Resolution, p_gate: float, window: Sequence[Turn], question: Turn,
+               group: str | None) -> Resolution:
+        """The backend's answer with the gate's probability added to its letter's (see the class)."""
+        cut = _letter_cut(self.backend)
+        if cut is None:
+            return res
+        needs = _log_odds(res.probs.get("needs", 0.0)) + _log_odds(p_gate) >= cut
+        if needs == (res.decision == "needs"):
+            return res
+        if needs:
+            res = self.backend.resolve(window, question, group=group, rewrite="always")
+            return replace(res, decision="needs", gate_swayed=True)
+        rest = {d: p for d, p in res.probs.items() if d != "needs"}
+        return replace(res, decision=max(rest, key=rest.__getitem__), rewrite=None, gate_swayed=True)
 
     def observe(self, group: str, window: Sequence[Turn]) -> None:
         self.backend.observe(group, window)
@@ -100,9 +141,10 @@ def _rules(gate_path: str | Path | None) -> Backend:
 
 
 def load_resolver(name: BackendName, *, gate: bool = True, fallback: bool = False,
-                  gate_path: str | Path | None = None, **kwargs) -> Resolver:
+                  gate_path: str | Path | None = None, weigh_gate: bool = True, **kwargs) -> Resolver:
     """The served composition. With ``fallback``, a backend that fails to load (missing or corrupt
-    model, bad URL) is logged and replaced by ``rules`` so the bot keeps running."""
+    model, bad URL) is logged and replaced by ``rules`` so the bot keeps running. ``weigh_gate``: see
+    :class:`Resolver`."""
     try:
         backend = load_backend(name, gate_path=gate_path, **kwargs)
         reason = None
@@ -116,4 +158,4 @@ def load_resolver(name: BackendName, *, gate: bool = True, fallback: bool = Fals
         from corefbot.models.serve.gate import Gate
 
         gate_obj = Gate.load(gate_path)
-    return Resolver(backend=backend, gate=gate_obj, fallback_reason=reason)
+    return Resolver(backend=backend, gate=gate_obj, weigh_gate=weigh_gate, fallback_reason=reason)

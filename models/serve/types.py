@@ -39,6 +39,8 @@ class Resolution:
     backend: str = ""
     gated: bool = False  # True when the gate answered and no model ran
     gate_sure: bool = False  # True when the gate was sure it needs resolution and so decided, over the backend
+    gate_swayed: bool = False  # True when the gate's probability, weighed with the letter's, turned the decision
+    gate_p: float | None = None  # the gate's probability that the question needs resolution (None: no gate)
     rejected_rewrite: str | None = None  # a rewrite that failed validation (kept for the log)
     reject_reason: str | None = None
     latency_ms: float = 0.0

@@ -52,6 +52,8 @@ class Outcome:
     error: str | None = None
     p_needs: float | None = None  # the backend's probability of "needs" (None where it gives none)
     gate_sure: bool = False  # the gate was sure it needs resolution where the backend decided otherwise
+    gate_swayed: bool = False  # the gate's probability, weighed with the backend's letter, turned the decision
+    gate_p: float | None = None  # the gate's probability of "needs" (None where no gate ran)
 
     @property
     def rejected(self) -> bool:
@@ -60,7 +62,7 @@ class Outcome:
 
 def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: str | None, http_model: str,
                api_key: str | None, n_threads: int | None, gate_path: str | Path | None = None,
-               decide_by: str = "auto"):
+               decide_by: str = "auto", weigh_gate: bool = True):
     """A function example -> Outcome, and a closer."""
     from corefbot.models.serve.gate import Gate
 
@@ -92,7 +94,7 @@ def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: st
         kwargs.update(model_path=model_path, n_threads=n_threads, decide_by=decide_by)
     elif name == "http":
         kwargs.update(url=url, http_model=http_model, api_key=api_key)
-    resolver = load_resolver(name, gate=gate, gate_path=gate_path, **kwargs)
+    resolver = load_resolver(name, gate=gate, gate_path=gate_path, weigh_gate=weigh_gate, **kwargs)
 
     def predict(e: Example) -> Outcome:
         start = time.perf_counter()
@@ -109,7 +111,7 @@ def _predictor(name: EvalBackend, *, gate: bool, model_path: str | None, url: st
             sent = True
         return Outcome(res.decision, res.query(e.question.text), sent, (time.perf_counter() - start) * 1000,
                        rejected_rewrite=res.rejected_rewrite, p_needs=res.probs.get("needs") if res.probs else None,
-                       gate_sure=res.gate_sure)
+                       gate_sure=res.gate_sure, gate_swayed=res.gate_swayed, gate_p=res.gate_p)
     return predict, resolver.close
 
 
@@ -119,7 +121,9 @@ def row_record(e: Example, o: Outcome) -> dict[str, Any]:
     scored = e.label == "needs" and bool(e.rewrite)
     return {"id": e.id, "lang": e.lang, "question": e.question.text, "gold": e.label, "decision": o.decision,
             "p_needs": None if o.p_needs is None else round(o.p_needs, 4),
-            "sent_to_model": o.sent_to_model, "gate_sure": o.gate_sure, "forwarded": o.forwarded,
+            "gate_p": None if o.gate_p is None else round(o.gate_p, 4),
+            "sent_to_model": o.sent_to_model, "gate_sure": o.gate_sure, "gate_swayed": o.gate_swayed,
+            "forwarded": o.forwarded,
             "gold_rewrite": e.rewrite,
             "refused_rewrite": o.rejected_rewrite,
             "exact_match": exact_match(o.forwarded, e.rewrite or "") if scored else None,
@@ -166,7 +170,11 @@ def score(examples: Sequence[Example], outcomes: Sequence[Outcome]) -> dict[str,
             "tp": gate_conf.tp, "fp": gate_conf.fp, "fn": gate_conf.fn, "tn": gate_conf.tn,
             # "needs" where the gate was sure and the model's letter said otherwise, and how many of them were right
             "sure_overruled": sum(o.gate_sure for o in outcomes),
-            "sure_overruled_right": sum(o.gate_sure and e.label == "needs" for e, o in zip(examples, outcomes))}
+            "sure_overruled_right": sum(o.gate_sure and e.label == "needs" for e, o in zip(examples, outcomes)),
+            # decisions the gate's probability turned when weighed with the letter, and how many it turned right
+            "swayed": sum(o.gate_swayed for o in outcomes),
+            "swayed_right": sum(o.gate_swayed and (o.decision == "needs") == (e.label == "needs")
+                                for e, o in zip(examples, outcomes))}
     lat = [o.latency_ms for o in outcomes]
     latency = {"p50": percentile(lat, 50), "p95": percentile(lat, 95), "mean": statistics.fmean(lat) if lat else 0.0}
 
@@ -199,10 +207,11 @@ def _div(a: float, b: float) -> float:
 def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = True, model_path: str | None = None,
              url: str | None = None, http_model: str = "default", api_key: str | None = None,
              n_threads: int | None = None, gate_path: str | Path | None = None, progress: bool = True,
-             decide_by: str = "auto", rows: str | Path | None = None) -> dict[str, Any]:
+             decide_by: str = "auto", weigh_gate: bool = True, rows: str | Path | None = None) -> dict[str, Any]:
     """Run ``backend`` over ``examples`` and return the report (see the module docstring). ``decide_by``:
-    how ``llama-cpp`` decides (``COREFBOT_DECIDE_BY``; ``auto`` as the bot does by default). ``rows``: a JSONL
-    file that receives :func:`row_record` for each question as it is answered."""
+    how ``llama-cpp`` decides (``COREFBOT_DECIDE_BY``; ``auto`` as the bot does by default). ``weigh_gate``: the
+    gate's probability weighed with the letter (``COREFBOT_WEIGH_GATE``). ``rows``: a JSONL file that receives
+    :func:`row_record` for each question as it is answered."""
     if backend not in EVAL_BACKENDS:
         raise ValueError(f"unknown eval backend {backend!r}; choose one of {', '.join(EVAL_BACKENDS)}")
     if not examples:
@@ -210,7 +219,8 @@ def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = 
     from tqdm import tqdm
 
     predict, close = _predictor(backend, gate=gate, model_path=model_path, url=url, http_model=http_model,
-                                api_key=api_key, n_threads=n_threads, gate_path=gate_path, decide_by=decide_by)
+                                api_key=api_key, n_threads=n_threads, gate_path=gate_path, decide_by=decide_by,
+                                weigh_gate=weigh_gate)
     outcomes: list[Outcome] = []
     with open(rows, "w", encoding="utf-8") if rows else contextlib.nullcontext() as out:
         try:
@@ -227,6 +237,8 @@ def evaluate(examples: Sequence[Example], backend: EvalBackend, *, gate: bool = 
         from corefbot.models.serve.llama import served_model
 
         report["decide_by"] = served_model(model_path).decide_mode(decide_by)  # what "auto" resolved to
+    if backend in ("llama-cpp", "http"):  # a gate in front of a model
+        report["weigh_gate"] = weigh_gate and gate
     report["labels"] = dict(Counter(e.label for e in examples))
     return report
 
@@ -268,7 +280,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"gate      recall {g['recall']:.3f}  specificity {g['specificity']:.3f}  skip rate {g['skip_rate']:.3f}  "
         f"sent to model {g['sent_rate']:.3f}"
         + (f"  sure over the model {g['sure_overruled']} ({g['sure_overruled_right']} right)"
-           if g.get("sure_overruled") else ""),
+           if g.get("sure_overruled") else "")
+        + (f"  weighed against the letter {g['swayed']} ({g['swayed_right']} right)" if g.get("swayed") else ""),
         f"latency   p50 {lat['p50']:.2f} ms  p95 {lat['p95']:.2f} ms",
     ]
     for lang, m in report.get("by_lang", {}).items():

@@ -115,6 +115,10 @@ class ResolverSettings(BaseModel):
                             "export-lora` and the nightly job: the letters unless the rewrite is clearly better; "
                             "`letter` for a bare GGUF). See README \"Real Qwen\"")
     corefbot_gate_path: Path | None = Field(None, description="a retrained gate; unset: the shipped one")
+    corefbot_weigh_gate: bool = Field(
+        True, description="between the gate's sure sides, decide by the model's letter and the gate's probability "
+                          "together (their log-odds added); `false`: by the letter alone. See README \"How a "
+                          "question is resolved\"")
     corefbot_resolve_all: bool = Field(
         True, description="also resolve and record questions the bot will not answer (they feed the label queue)")
     corefbot_resolve_backlog: int = Field(

@@ -36,7 +36,8 @@ def load_configured_resolver(cfg: Config):
     resolver = load_resolver(
         backend_name(cfg), fallback=True, model_path=str(cfg.corefbot_model_path) if cfg.corefbot_model_path else None,
         url=cfg.corefbot_resolver_url, http_model=cfg.corefbot_resolver_model, api_key=cfg.corefbot_resolver_key,
-        n_threads=cfg.corefbot_resolver_threads, gate_path=cfg.corefbot_gate_path, decide_by=cfg.corefbot_decide_by)
+        n_threads=cfg.corefbot_resolver_threads, gate_path=cfg.corefbot_gate_path, decide_by=cfg.corefbot_decide_by,
+        weigh_gate=cfg.corefbot_weigh_gate)
     if resolver.fallback_reason:
         logger.error(f"corefbot resolver: {resolver.fallback_reason}; serving with the rules backend instead")
     return resolver
@@ -49,7 +50,8 @@ def swap_loader(cfg: Config):
 
     def load(gguf_path: str):
         return load_resolver("llama-cpp", model_path=gguf_path, n_threads=cfg.corefbot_resolver_threads,
-                             gate_path=cfg.corefbot_gate_path, decide_by=cfg.corefbot_decide_by)
+                             gate_path=cfg.corefbot_gate_path, decide_by=cfg.corefbot_decide_by,
+                             weigh_gate=cfg.corefbot_weigh_gate)
     return load
 
 
