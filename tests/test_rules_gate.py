@@ -205,7 +205,7 @@ def test_train_save_load_roundtrip(tmp_path: Path) -> None:
     again = Gate.load(path)
     assert again.sure_threshold == gate.sure_threshold
     for e in data[:10]:
-        assert again.probability(e.window, e.question) == pytest.approx(gate.probability(e.window, e.question), abs=1e-3)
+        assert again.evidence(e.window, e.question)[0] == pytest.approx(gate.evidence(e.window, e.question)[0], abs=1e-3)
         assert again.needs_model(e.window, e.question) == gate.needs_model(e.window, e.question)
     needs = [e for e in data if e.label == "needs"]
     assert all(again.needs_model(e.window, e.question) for e in needs)

@@ -165,10 +165,6 @@ class Gate:
         feats = features(window, question)
         return _score(self.weights, feats), _cue_fires(feats, self.override)
 
-    def probability(self, window: Sequence[Turn], question: Turn) -> float:
-        """The classifier's probability that the question needs resolution."""
-        return _score(self.weights, features(window, question))
-
     def assess(self, window: Sequence[Turn], question: Turn) -> tuple[GateSide, float]:
         """Where the question falls, and the classifier's probability behind it: "skip" (no sign it needs
         resolution: no model runs), "sure" (it needs resolution whatever a model says, see ``sure_threshold``) or
